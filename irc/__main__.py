@@ -1,0 +1,3 @@
+from irc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""The ``irc`` command line: a thin layer over the API.
+
+Each subcommand is one module with ``add_parser(subparsers)`` and ``run(args)``.
+A ``UserError`` prints as one line (``error: ...``) without a traceback and
+exits with status 2; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from irc import __version__
+from irc.errors import UserError
+
+# name → module under irc.cli (imported lazily: `irc --help` stays fast)
+SUBCOMMANDS: dict[str, str] = {
+    "eval": "eval",
+    "data": "data",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="irc",
+        description="irc — the informed routing compiler: turn a dense decoder LLM into a "
+        "token-routed one, then train, evaluate and deploy it.",
+    )
+    parser.add_argument("--version", action="version", version=f"irc {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMANDS.values():
+        module = importlib.import_module(f"irc.cli.{module_name}")
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,88 @@
+"""``irc eval MODEL``: perplexity, tokens scored, tokens/s and peak memory."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="perplexity of a model on a corpus",
+        description="Perplexity of MODEL (a Hugging Face directory, a .gguf file, or "
+        "smollm2-135m) on a corpus, with tokens scored, tokens/s and peak memory.",
+    )
+    p.add_argument("model", help="Hugging Face directory, .gguf file, or smollm2-135m")
+    p.add_argument("--data", default="wiki:heldout",
+                   help="corpus: wiki[:train|heldout], or a .txt/.jsonl file or folder [:SPLIT] "
+                   "(default: wiki:heldout)")
+    p.add_argument("--seq-len", type=int, default=1024, help="window length (default 1024)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="window stride; smaller than --seq-len overlaps windows (default: no overlap)")
+    p.add_argument("--max-tokens", type=int, default=20480,
+                   help="evaluate the first N tokens of the corpus; 0 for all (default 20480)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"],
+                   help="compute precision (default bf16)")
+    p.add_argument("--bos", default="none", choices=["none", "document", "window"],
+                   help="BOS policy (default none: SmolLM2 adds no BOS)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from irc.cli.common import emit_json, fmt_int, info
+    from irc.data import load_corpus, token_stream
+    from irc.data.tokens import bos_id
+    from irc.errors import UserError
+    from irc.eval import evaluate_perplexity
+    from irc.models import load_model
+
+    if args.max_tokens < 0:
+        raise UserError(f"--max-tokens must be 0 (all) or positive, got {args.max_tokens}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    start = time.perf_counter()
+    loaded = load_model(args.model, dtype=args.dtype)
+    corpus = load_corpus(args.data, default_split="heldout")
+    stream = token_stream(corpus, loaded.tokenizer, args.bos)
+    bos = bos_id(loaded.tokenizer) if args.bos == "window" else None
+    max_tokens = args.max_tokens or None
+    if not args.json:
+        info(f"model       {loaded.describe()}, loaded in {loaded.load_seconds:.1f}s")
+        info(f"weights     sha256 {loaded.weights_sha256}")
+        n = min(len(stream), max_tokens or len(stream))
+        info(f"data        {corpus.spec}: {fmt_int(len(corpus.documents))} documents, "
+             f"{fmt_int(len(stream))} tokens; evaluating the first {fmt_int(n)} in windows of "
+             f"{args.seq_len}" + (f", stride {args.stride}" if args.stride else ", no overlap"))
+    result = evaluate_perplexity(
+        loaded.model,
+        stream,
+        seq_len=args.seq_len,
+        stride=args.stride,
+        max_tokens=max_tokens,
+        bos=bos,
+        batch_size=args.batch_size,
+        show_progress=not args.json,
+    )
+    total = time.perf_counter() - start
+    if args.json:
+        emit_json({
+            "model": args.model,
+            "weights_sha256": loaded.weights_sha256,
+            "dtype": args.dtype,
+            "data": corpus.spec,
+            "bos": args.bos,
+            **result.to_dict(),
+            "load_seconds": round(loaded.load_seconds, 3),
+            "total_seconds": round(total, 3),
+        })
+        return 0
+    info(f"perplexity  {result.perplexity:.3f}  ({fmt_int(result.tokens)} tokens scored in "
+         f"{result.windows} windows)")
+    info(f"speed       {result.tokens_per_s:,.0f} tokens/s ({result.seconds:.1f}s), peak memory "
+         f"{result.peak_memory_mb:,.0f} MB ({result.memory_kind})")
+    info(f"PASSED eval {total:.1f}s ppl {result.perplexity:.2f} tokens/s "
+         f"{result.tokens_per_s:,.0f} model={args.model}")
+    return 0

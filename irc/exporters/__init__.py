@@ -1,0 +1,1 @@
+"""Exporters of routed models: pt2, ONNX, TensorRT (TensorRT imports stay lazy)."""

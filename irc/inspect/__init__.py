@@ -1,0 +1,1 @@
+"""Inspection of routed graphs: tables, diffs, drawings, routing heat maps."""

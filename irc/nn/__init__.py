@@ -1,0 +1,1 @@
+"""Runtime modules of a routed model: routers, forecasters, routed units."""

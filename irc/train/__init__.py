@@ -1,0 +1,1 @@
+"""Training stages of a routed model: LFF fit, router init, router training, LoRA."""
