@@ -12,8 +12,11 @@ import sys
 from tqdm import tqdm
 
 
-def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", leave: bool = False):
-    disabled = os.environ.get("IRC_PROGRESS", "1") == "0"
+def progress(
+    iterable=None, *, total=None, desc: str = "", unit: str = "it", leave: bool = False,
+    enabled: bool = True,
+):
+    disabled = not enabled or os.environ.get("IRC_PROGRESS", "1") == "0"
     tty = sys.stderr.isatty()
     return tqdm(
         iterable,

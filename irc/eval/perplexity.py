@@ -80,7 +80,8 @@ def evaluate_perplexity(
     forwarded = 0
     with PeakMemory(device) as memory:
         start = time.perf_counter()
-        bar = progress(total=sum(len(w.ids) for w in windows), desc="perplexity", unit="tok")
+        bar = progress(total=sum(len(w.ids) for w in windows), desc="perplexity", unit="tok",
+                       enabled=show_progress)
         for batch in batches:
             ids = torch.as_tensor(np.stack([w.ids for w in batch]), dtype=torch.long, device=device)
             logits = logits_of(model(ids))  # [B, T, V]
