@@ -1,0 +1,133 @@
+"""Mixture-of-Depths (the ``mod`` baseline): whole decoder layers, top-k tokens per row.
+
+A scalar router weight ``r = router(x)`` per token chooses which tokens pass
+through the layer; the others go around it untouched. Selected tokens only see
+each other inside the layer (the layer runs on the selected subsequence, with
+their original positions), and their update is scaled by ``w = sigmoid(r)``::
+
+    y = x + w · (layer(x̃) − x)   for selected tokens,   y = x   otherwise
+
+The scale carries the router's gradient in training. Modes as for
+``RoutedUnit``: ``dense`` runs every token through the layer unscaled (equal to
+the un-routed model), ``capacity`` takes the top ``ceil(c·T)`` per row (the MoD
+rule), ``threshold`` selects ``r ≥ θ``, ``mask`` takes decisions from outside,
+``train`` selects by capacity and computes densely with keys restricted to the
+selected tokens. The first ``n_sink`` real tokens are always selected.
+
+Legend: B batch, T tokens, K selected tokens (Kmax: most in one row), D hidden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from irc.nn.router import Router
+from irc.nn.tokens import HIDDEN, ArgRole, gather_rows, restrict_keys, row_layout, sink_mask
+from irc.ops import token_gather, token_scatter
+from irc.plan import MODES
+
+
+class RoutedLayer(nn.Module):
+    kind = "layer"
+
+    def __init__(self, *, layer: int, block: GraphModule, roles: list[ArgRole], router: Router, n_sink: int):
+        super().__init__()
+        self.layer = layer
+        self.block = block
+        self.roles = roles
+        self.router = router
+        self.n_sink = n_sink
+        self.forecaster = None
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
+        self.mode = "dense"
+        self.sparse = True
+        self.tau = 1.0
+        self.capacity = 1.0
+        self.forced_mask: torch.Tensor | None = None
+        self.record = True
+        self.executed = 0
+        self.tokens = 0
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode = mode
+
+    def reset_stats(self) -> None:
+        self.executed = self.tokens = 0
+
+    @property
+    def execute_fraction(self) -> float | None:
+        return self.executed / self.tokens if self.tokens else None
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *extras) -> torch.Tensor:
+        if self.mode == "dense":
+            return self.block(*self._args(x, extras))
+        pad = attention_mask.bool()  # [B, T]
+        r = self.router(x)[..., 0].float()  # [B, T]
+        select = self._decide(r, pad, sink_mask(pad, self.n_sink))
+        if self.record:
+            self.executed += int(select.sum())
+            self.tokens += int(pad.sum())
+        w = torch.sigmoid(r).to(x.dtype).unsqueeze(-1)  # [B, T, 1]
+        if self.mode == "train" or not self.sparse:
+            y = self.block(*self._args(x, extras, keep=select | ~pad))
+            return torch.where(select.unsqueeze(-1), x + w * (y - x), x)
+        return self._sparse(x, extras, select, w)
+
+    def _decide(self, r, pad, sinks) -> torch.Tensor:
+        if self.mode in ("capacity", "train"):
+            T = r.shape[1]
+            k = min(T, math.ceil(self.capacity * T))
+            score = r.masked_fill(~pad, -math.inf).masked_fill(sinks, math.inf)
+            select = torch.zeros_like(pad).scatter(1, score.topk(k, dim=1).indices, True)
+        elif self.mode == "threshold":
+            select = r >= self.threshold
+        else:
+            if self.forced_mask is None or self.forced_mask.shape != pad.shape:
+                raise ValueError(f"mask mode needs forced_mask of shape {tuple(pad.shape)}")
+            select = self.forced_mask.to(device=pad.device, dtype=torch.bool)
+        return (select | sinks) & pad
+
+    def _sparse(self, x, extras, select, w):
+        B, T, D = x.shape
+        pos, valid = row_layout(select)  # [B, Kmax]
+        kmax = pos.shape[1]
+        if kmax == 0:
+            return x
+        rows = torch.arange(B, device=x.device).unsqueeze(1) * T + pos  # [B, Kmax]
+        x_sel = token_gather(x.reshape(B * T, D), rows.reshape(-1)).view(B, kmax, D)
+        y = self.block(*self._args(x_sel, extras, pos=pos, valid=valid))  # [B, Kmax, D]
+        w_sel = gather_rows(w, 1, pos)  # [B, Kmax, 1]
+        y = x_sel + w_sel * (y - x_sel)
+        slots = valid.reshape(-1).nonzero().squeeze(1)
+        y = token_gather(y.reshape(B * kmax, D), slots)
+        return token_scatter(x.reshape(B * T, D), y, rows.reshape(-1)[slots]).view(B, T, D)
+
+    def _args(self, hidden, extras, *, pos=None, valid=None, keep=None):
+        args = []
+        for role in self.roles:
+            if role.source == HIDDEN:
+                args.append(hidden)
+                continue
+            value = extras[role.source]
+            if role.kind == "seq" and pos is not None:
+                value = pos.shape[1]
+            elif role.kind == "query_mask":
+                if pos is not None:  # the selected tokens attend to each other only
+                    value = gather_rows(gather_rows(value, value.dim() - 2, pos), value.dim() - 1, pos)
+                    value = restrict_keys(value, valid)
+                if keep is not None:
+                    value = restrict_keys(value, keep)
+            elif role.kind == "tokens" and pos is not None:
+                for axis in role.axes:
+                    value = gather_rows(value, axis, pos)
+            args.append(value)
+        return args
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, mode={self.mode}, n_sink={self.n_sink}, variant=mod"

@@ -1,0 +1,214 @@
+"""A routed unit: one attention or MLP unit behind a router, with a forecaster.
+
+Per token, the router decides whether the unit executes or is approximated::
+
+    a      = norm(x)                                   # [B, T, D]
+    logits = router(a)                                 # [B, T, 2]  (exec, approx)
+    out    = U(a) where executed, F(a) where approximated, 0 on padding
+
+The module returns the unit's contribution; the graph's residual add stays as
+captured (``y = x + out``).
+
+Modes (``set_routing`` in ``irc.passes.route_decoder_blocks`` sets them on all units):
+
+- ``dense``: every token executes; equals the un-routed model exactly;
+- ``train``: hard Gumbel-softmax decisions with a straight-through gradient,
+  temperature ``tau``; dense compute, then blended;
+- ``threshold``: execute where ``logit_exec − logit_approx ≥ θ`` (per token, causal);
+- ``capacity``: per row, the top ``ceil(c·T)`` tokens by that margin;
+- ``mask``: decisions given from outside (``forced_mask``, bool ``[B, T]``).
+
+In ``threshold``, ``capacity`` and ``mask`` the unit runs only on the executed
+tokens when ``sparse`` is True (the default); with ``sparse=False`` it computes
+densely and blends, the reference the sparse path is tested against. The first
+``n_sink`` real tokens of each row always execute, padding never does.
+
+Legend: B batch, T tokens, K executed tokens (Kmax: most in one row), D hidden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule
+
+from irc.nn.forecaster import Forecaster
+from irc.nn.router import Router
+from irc.nn.tokens import HIDDEN, ArgRole, gather_rows, restrict_keys, row_layout, sink_mask
+from irc.ops import token_gather, token_scatter
+from irc.plan import MODES
+
+
+class RoutedUnit(nn.Module):
+    def __init__(
+        self,
+        *,
+        kind: str,
+        layer: int,
+        norm: GraphModule,
+        body: GraphModule,
+        body_roles: list[ArgRole],
+        router: Router,
+        forecaster: Forecaster | None,
+        n_sink: int,
+        kv_policy: str = "keep",
+        kv: GraphModule | None = None,
+        kv_roles: list[ArgRole] | None = None,
+        query: GraphModule | None = None,
+        query_roles: list[ArgRole] | None = None,
+    ):
+        super().__init__()
+        self.kind = kind
+        self.layer = layer
+        self.norm = norm
+        self.body = body
+        self.body_roles = body_roles
+        self.router = router
+        self.forecaster = forecaster
+        self.n_sink = n_sink
+        self.kv_policy = kv_policy
+        if kind == "attn":
+            self.kv = kv
+            self.query = query
+        self.kv_roles = kv_roles
+        self.query_roles = query_roles
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
+        self.mode = "dense"
+        self.sparse = True
+        self.tau = 1.0
+        self.capacity = 1.0
+        self.forced_mask: torch.Tensor | None = None
+        self.record = True
+        self.executed = 0
+        self.tokens = 0
+
+    # --- configuration ------------------------------------------------------
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode = mode
+
+    def reset_stats(self) -> None:
+        self.executed = self.tokens = 0
+
+    @property
+    def execute_fraction(self) -> float | None:
+        return self.executed / self.tokens if self.tokens else None
+
+    # --- forward ------------------------------------------------------------
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *extras) -> torch.Tensor:
+        a = self.norm(x)  # [B, T, D]
+        if self.mode == "dense":
+            return self.body(*self._args(self.body_roles, a, extras))
+        pad = attention_mask.bool()  # [B, T], True on real tokens
+        sinks = sink_mask(pad, self.n_sink)
+        logits = self.router(a)  # [B, T, 2]
+        if self.mode == "train":
+            return self._train(a, extras, logits, pad, sinks)
+        execute = self._decide(logits, pad, sinks)  # [B, T] bool
+        self._record(execute, pad)
+        approx = self._approximate(a, pad & ~execute)  # [B, T, D]
+        if not self.sparse:
+            u = self.body(*self._args(self.body_roles, a, extras, keep=self._keep(execute, pad)))
+            return torch.where(execute.unsqueeze(-1), u, approx)
+        if self.kind == "mlp":
+            return self._sparse_mlp(a, extras, execute, approx)
+        return self._sparse_attention(a, extras, execute, pad, approx)
+
+    def _train(self, a, extras, logits, pad, sinks):
+        g = F.gumbel_softmax(logits.float(), tau=self.tau, hard=True)[..., 0]  # [B, T], straight-through
+        g = torch.where(sinks, torch.ones_like(g), g)
+        execute = (g > 0.5) & pad
+        self._record(execute, pad)
+        u = self.body(*self._args(self.body_roles, a, extras, keep=self._keep(execute, pad)))
+        f = self._approximate(a, pad)
+        g = g.to(u.dtype).unsqueeze(-1)
+        return g * u + (1 - g) * f
+
+    def _decide(self, logits, pad, sinks) -> torch.Tensor:
+        margin = (logits[..., 0] - logits[..., 1]).float() - self.threshold  # [B, T]
+        if self.mode == "threshold":
+            execute = margin >= 0
+        elif self.mode == "capacity":
+            T = margin.shape[1]
+            k = min(T, math.ceil(self.capacity * T))
+            score = margin.masked_fill(~pad, -math.inf).masked_fill(sinks, math.inf)
+            top = score.topk(k, dim=1).indices  # [B, k]
+            execute = torch.zeros_like(pad).scatter(1, top, True)
+        else:  # mask
+            if self.forced_mask is None or self.forced_mask.shape != pad.shape:
+                got = None if self.forced_mask is None else tuple(self.forced_mask.shape)
+                raise ValueError(f"mask mode needs forced_mask of shape {tuple(pad.shape)}, got {got}")
+            execute = self.forced_mask.to(device=pad.device, dtype=torch.bool)
+        return (execute | sinks) & pad
+
+    def _keep(self, execute, pad):
+        """Keys kept under ``kv_policy='drop'``: executed tokens (padding as the model masks it)."""
+        return (execute | ~pad) if self.kv_policy == "drop" and self.kind == "attn" else None
+
+    def _approximate(self, a, where) -> torch.Tensor:
+        if self.forecaster is None:  # skip: the identity, i.e. no contribution
+            return torch.zeros_like(a)
+        return self.forecaster(a) * where.unsqueeze(-1).to(a.dtype)
+
+    def _record(self, execute, pad) -> None:
+        if self.record:
+            self.executed += int(execute.sum())
+            self.tokens += int(pad.sum())
+
+    # --- sparse execution ---------------------------------------------------
+    def _sparse_mlp(self, a, extras, execute, approx):
+        B, T, D = a.shape
+        flat = execute.reshape(-1).nonzero().squeeze(1)  # [K], over the batch flattened
+        if flat.numel() == 0:
+            return approx
+        a_sel = token_gather(a.reshape(B * T, D), flat).unsqueeze(0)  # [1, K, D]
+        u = self.body(*self._args(self.body_roles, a_sel, extras, flat=flat.numel()))  # [1, K, D]
+        return token_scatter(approx.reshape(B * T, D), u.reshape(-1, D), flat).view(B, T, D)
+
+    def _sparse_attention(self, a, extras, execute, pad, approx):
+        B, T, D = a.shape
+        k, v = self.kv(*self._args(self.kv_roles, a, extras))  # every token's keys and values
+        pos, valid = row_layout(execute)  # [B, Kmax]
+        kmax = pos.shape[1]
+        if kmax == 0:
+            return approx
+        rows = torch.arange(B, device=a.device).unsqueeze(1) * T + pos  # [B, Kmax] flat positions
+        a_sel = token_gather(a.reshape(B * T, D), rows.reshape(-1)).view(B, kmax, D)
+        args = self._args(self.query_roles, a_sel, extras, pos=pos, named={"k": k, "v": v},
+                          keep=self._keep(execute, pad))
+        o = self.query(*args)  # [B, Kmax, D]
+        slots = valid.reshape(-1).nonzero().squeeze(1)  # [K]
+        o = token_gather(o.reshape(B * kmax, D), slots)  # [K, D]
+        return token_scatter(approx.reshape(B * T, D), o, rows.reshape(-1)[slots]).view(B, T, D)
+
+    def _args(self, roles, hidden, extras, *, pos=None, flat=None, named=None, keep=None):
+        """Arguments of an outlined module; with ``pos`` (rows) or ``flat`` (count) on a token subset."""
+        args = []
+        for role in roles:
+            if role.source == HIDDEN:
+                args.append(hidden)
+                continue
+            value = named[role.source] if isinstance(role.source, str) else extras[role.source]
+            if role.kind == "seq":
+                value = flat if flat is not None else pos.shape[1] if pos is not None else value
+            elif role.kind == "batch" and flat is not None:
+                value = 1
+            elif role.kind == "query_mask":
+                if pos is not None:
+                    value = gather_rows(value, role.axes[0], pos)
+                if keep is not None:
+                    value = restrict_keys(value, keep)
+            elif role.kind == "tokens" and pos is not None:
+                for axis in role.axes:
+                    value = gather_rows(value, axis, pos)
+            args.append(value)
+        return args
+
+    def extra_repr(self) -> str:
+        lff = "none (skip)" if self.forecaster is None else f"rank {self.forecaster.w1.out_features}"
+        return (f"layer={self.layer}, kind={self.kind}, mode={self.mode}, n_sink={self.n_sink}, "
+                f"kv_policy={self.kv_policy}, lff={lff}")

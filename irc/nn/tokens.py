@@ -1,0 +1,89 @@
+"""Running an outlined module on a subset of the tokens.
+
+An outlined unit reads, besides its hidden state, tensors laid out along the
+token axis (rotary cos/sin ``[1, T, hd]``, the attention mask ``[B, 1, T, T]``)
+and symbolic sizes (B, T) used by its views. Each input gets an ``ArgRole``
+decided once, at rewrite time, from the capture's symbolic shapes; at run time
+the role says how to restrict the input to the selected tokens:
+
+- ``tokens``: gather the selected positions along each token axis;
+- ``query_mask``: the attention mask; gather its query axis (−2) only, the
+  keys stay all T tokens (approximated tokens keep their keys and values);
+- ``seq`` / ``batch``: a size: becomes the selection's length / batch;
+- ``full``: passed unchanged.
+
+Legend: B batch, T tokens, K selected tokens per row (Kmax: the longest row), D hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+
+HIDDEN = "hidden"
+
+
+@dataclass(frozen=True)
+class ArgRole:
+    source: int | str  # index into the unit's extra inputs, or HIDDEN, or a named tensor ("k", "v")
+    kind: str  # "tokens" | "query_mask" | "seq" | "batch" | "full"
+    axes: tuple[int, ...] = ()
+
+
+def role_of(node: Node, source: int | str, batch_sym: str, seq_sym: str, mask: bool = False) -> ArgRole:
+    """The role of an outlined module's input, from its captured value (``meta['val']``)."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.SymInt):
+        s = str(val)
+        kind = "seq" if s == seq_sym else "batch" if s == batch_sym else "full"
+        return ArgRole(source, kind)
+    if isinstance(val, torch.Tensor):
+        axes = tuple(i for i, d in enumerate(val.shape) if str(d) == seq_sym)
+        if mask and len(axes) >= 2:
+            return ArgRole(source, "query_mask", (val.dim() - 2,))
+        if axes:
+            return ArgRole(source, "tokens", axes)
+    return ArgRole(source, "full")
+
+
+def gather_rows(t: torch.Tensor, axis: int, pos: torch.Tensor) -> torch.Tensor:
+    """``t`` restricted to positions ``pos [B, K]`` along ``axis`` (batch axis 0 may broadcast)."""
+    B = pos.shape[0]
+    moved = t.movedim(axis, 1)  # [B or 1, T, ...]
+    if moved.shape[0] != B:
+        moved = moved.expand(B, *moved.shape[1:])
+    rows = torch.arange(B, device=pos.device).unsqueeze(1)  # [B, 1]
+    return moved[rows, pos].movedim(1, axis)  # [B, K, ...] with K at axis
+
+
+def restrict_keys(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mask ``[B, 1, Tq, Tk]`` with keys where ``keep [B, Tk]`` is False removed."""
+    keep = keep[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
+
+
+def sink_mask(pad: torch.Tensor, n_sink: int) -> torch.Tensor:
+    """The first ``n_sink`` real tokens of each row (padding on either side)."""
+    if n_sink == 0:
+        return torch.zeros_like(pad)
+    rank = torch.cumsum(pad.to(torch.int32), dim=1)  # 1-based rank among real tokens
+    return pad & (rank <= n_sink)
+
+
+def row_layout(execute: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions ``[B, Kmax]`` of each row's executed tokens in order, and which slots are real.
+
+    Rows with fewer than Kmax executed tokens are padded with other positions of
+    the same row; their ``valid`` is False and their results are discarded.
+    """
+    counts = execute.sum(dim=1)  # [B]
+    kmax = int(counts.max()) if counts.numel() else 0
+    # a stable sort of (not executed) puts each row's executed positions first, in order
+    order = torch.sort((~execute).to(torch.int8), dim=1, stable=True).indices  # [B, T]
+    pos = order[:, :kmax]  # [B, Kmax]
+    valid = torch.arange(kmax, device=execute.device).unsqueeze(0) < counts.unsqueeze(1)
+    return pos, valid

@@ -1,0 +1,83 @@
+"""The routing plan: which units are routed, and how.
+
+A frozen dataclass validated on construction, round-tripping through JSON; it
+is what ``irc.json`` records and what ``route_decoder_blocks`` applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+VARIANTS = ("informed", "skip", "mod")
+KINDS = ("attn", "mlp")
+KV_POLICIES = ("keep", "drop")
+MODES = ("train", "threshold", "capacity", "mask", "dense")
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """What to route.
+
+    - ``variant``: ``informed`` (approximated tokens take the forecaster's output),
+      ``skip`` (they take the identity, as SkipGPT), ``mod`` (Mixture-of-Depths:
+      whole layers, top-k tokens per sequence, output scaled by the router weight).
+    - ``kinds`` / ``layers``: the units routed (``layers=None``: all).
+    - ``router_hidden``: router width; ``None`` is ``max(D//4 − 200, D//8)``.
+    - ``lff_rank``: the forecaster's rank r.
+    - ``n_sink``: the first n real tokens of each sequence always execute.
+    - ``kv_policy``: ``keep`` (approximated tokens still serve as keys) or ``drop``.
+    - ``capacity``: the execute fraction c of ``capacity`` mode (k = ceil(c·T)).
+    """
+
+    variant: str = "informed"
+    kinds: tuple[str, ...] = KINDS
+    layers: tuple[int, ...] | None = None
+    router_hidden: int | None = None
+    lff_rank: int = 100
+    n_sink: int = 4
+    kv_policy: str = "keep"
+    capacity: float = 0.75
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if not self.kinds or any(k not in KINDS for k in self.kinds):
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds!r}")
+        if self.kv_policy not in KV_POLICIES:
+            raise ValueError(f"kv_policy must be one of {', '.join(KV_POLICIES)}, got {self.kv_policy!r}")
+        if self.router_hidden is not None and self.router_hidden < 1:
+            raise ValueError(f"router_hidden must be positive, got {self.router_hidden}")
+        if self.lff_rank < 1:
+            raise ValueError(f"lff_rank must be positive, got {self.lff_rank}")
+        if self.n_sink < 0:
+            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+        if self.kv_policy == "drop" and self.n_sink < 1:
+            raise ValueError("kv_policy='drop' needs n_sink >= 1 (a query must keep at least one key)")
+        if not 0.0 < self.capacity <= 1.0:
+            raise ValueError(f"capacity must be in (0, 1], got {self.capacity}")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise ValueError(f"layers must be non-negative indices, got {self.layers}")
+
+    def router_width(self, hidden: int) -> int:
+        return self.router_hidden or max(hidden // 4 - 200, hidden // 8)
+
+    def selects(self, layer: int, kind: str) -> bool:
+        in_layers = self.layers is None or layer in self.layers
+        return in_layers and (self.variant == "mod" or kind in self.kinds)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["kinds"] = list(self.kinds)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RoutingPlan:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown routing plan fields: {', '.join(sorted(unknown))}")
+        return cls(**d)
