@@ -110,13 +110,17 @@ class RoutedUnit(nn.Module):
             return self._train(a, extras, logits, pad, sinks)
         execute = self._decide(logits, pad, sinks)  # [B, T] bool
         self._record(execute, pad)
-        approx = self._approximate(a, pad & ~execute)  # [B, T, D]
         if not self.sparse:
+            approx = self._approximate(a, pad & ~execute)  # [B, T, D]
             u = self.body(*self._args(self.body_roles, a, extras, keep=self._keep(execute, pad)))
             return torch.where(execute.unsqueeze(-1), u, approx)
+        if bool(execute.all()):  # nothing to skip: no gathers, no scatters
+            return self.body(*self._args(self.body_roles, a, extras))
         if self.kind == "mlp":
-            return self._sparse_mlp(a, extras, execute, approx)
-        return self._sparse_attention(a, extras, execute, pad, approx)
+            rows, u = self._sparse_mlp(a, extras, execute)
+        else:
+            rows, u = self._sparse_attention(a, extras, execute, pad)
+        return self._assemble(a, rows, u, pad & ~execute)
 
     def _train(self, a, extras, logits, pad, sinks):
         g = F.gumbel_softmax(logits.float(), tau=self.tau, hard=True)[..., 0]  # [B, T], straight-through
@@ -160,30 +164,41 @@ class RoutedUnit(nn.Module):
             self.tokens += int(pad.sum())
 
     # --- sparse execution ---------------------------------------------------
-    def _sparse_mlp(self, a, extras, execute, approx):
+    def _assemble(self, a, rows, u, approximated):
+        """The unit's output: ``u [K, D]`` at flat positions ``rows [K]``, the forecast at the
+        approximated tokens (computed for those only), zero on padding."""
         B, T, D = a.shape
-        flat = execute.reshape(-1).nonzero().squeeze(1)  # [K], over the batch flattened
-        if flat.numel() == 0:
-            return approx
-        a_sel = token_gather(a.reshape(B * T, D), flat).unsqueeze(0)  # [1, K, D]
-        u = self.body(*self._args(self.body_roles, a_sel, extras, flat=flat.numel()))  # [1, K, D]
-        return token_scatter(approx.reshape(B * T, D), u.reshape(-1, D), flat).view(B, T, D)
+        flat = a.reshape(B * T, D)
+        if self.forecaster is not None:
+            approx_rows = approximated.reshape(-1).nonzero().squeeze(1)  # [A]
+            f = self.forecaster(token_gather(flat, approx_rows))  # [A, D]
+            rows = torch.cat([rows, approx_rows])
+            u = torch.cat([u, f.to(u.dtype)])
+        return token_scatter(torch.zeros_like(flat), u, rows).view(B, T, D)
 
-    def _sparse_attention(self, a, extras, execute, pad, approx):
+    def _sparse_mlp(self, a, extras, execute):
+        B, T, D = a.shape
+        rows = execute.reshape(-1).nonzero().squeeze(1)  # [K], over the batch flattened
+        if rows.numel() == 0:
+            return rows, a.new_zeros(0, D)
+        a_sel = token_gather(a.reshape(B * T, D), rows).unsqueeze(0)  # [1, K, D]
+        u = self.body(*self._args(self.body_roles, a_sel, extras, flat=rows.numel()))  # [1, K, D]
+        return rows, u.reshape(-1, D)
+
+    def _sparse_attention(self, a, extras, execute, pad):
         B, T, D = a.shape
         k, v = self.kv(*self._args(self.kv_roles, a, extras))  # every token's keys and values
         pos, valid = row_layout(execute)  # [B, Kmax]
         kmax = pos.shape[1]
         if kmax == 0:
-            return approx
+            return pos.reshape(-1), a.new_zeros(0, D)
         rows = torch.arange(B, device=a.device).unsqueeze(1) * T + pos  # [B, Kmax] flat positions
         a_sel = token_gather(a.reshape(B * T, D), rows.reshape(-1)).view(B, kmax, D)
         args = self._args(self.query_roles, a_sel, extras, pos=pos, named={"k": k, "v": v},
                           keep=self._keep(execute, pad))
         o = self.query(*args)  # [B, Kmax, D]
         slots = valid.reshape(-1).nonzero().squeeze(1)  # [K]
-        o = token_gather(o.reshape(B * kmax, D), slots)  # [K, D]
-        return token_scatter(approx.reshape(B * T, D), o, rows.reshape(-1)[slots]).view(B, T, D)
+        return rows.reshape(-1)[slots], token_gather(o.reshape(B * kmax, D), slots)
 
     def _args(self, roles, hidden, extras, *, pos=None, flat=None, named=None, keep=None):
         """Arguments of an outlined module; with ``pos`` (rows) or ``flat`` (count) on a token subset."""
