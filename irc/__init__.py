@@ -12,7 +12,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["UserError", "__version__", "load_model", "evaluate_perplexity", "load_corpus"]
+__all__ = [
+    "RoutingPlan", "UserError", "__version__", "evaluate_perplexity", "load", "load_corpus",
+    "load_model", "route",
+]
 
 from irc.errors import UserError
 
@@ -26,6 +29,14 @@ def __getattr__(name: str):
         from irc.eval import evaluate_perplexity
 
         return evaluate_perplexity
+    if name in ("route", "load"):
+        import irc.routing
+
+        return getattr(irc.routing, name)
+    if name == "RoutingPlan":
+        from irc.plan import RoutingPlan
+
+        return RoutingPlan
     if name == "load_corpus":
         from irc.data import load_corpus
 

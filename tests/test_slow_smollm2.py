@@ -45,3 +45,34 @@ def test_short_eval_json():
     assert result["tokens"] == 2 * 1023
     # 20,480 tokens give ≈20.8; the first two windows alone sit near 27 (see docs)
     assert 12 < result["perplexity"] < 40
+
+
+def test_inspect_smollm2_lists_60_routed_units(tmp_path):
+    svg = tmp_path / "layer0.svg"
+    proc = subprocess.run(
+        [sys.executable, "-m", "irc", "inspect", "smollm2-135m", "--sparsity", "0.5", "--dot", str(svg), "--no-code"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line[:5].strip().isdigit()]
+    assert len(rows) == 60 and all(" yes " in r for r in rows)
+    assert "units=60" in proc.stdout.splitlines()[-1]
+    assert svg.read_text().lstrip().startswith(("<svg", "<?xml"))
+
+
+def test_routed_smollm2_sparse_equals_blend():
+    import torch
+
+    import irc
+
+    routed = irc.route(irc.load_model("smollm2-135m", dtype="fp32"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (1, 96), generator=g)
+    masks = {name: torch.rand(1, 96, generator=g) < 0.5 for name in routed.units}
+    with torch.no_grad():
+        routed.set_routing("mask", masks=masks, sparse=True)
+        sparse = routed(ids)
+        routed.set_routing("mask", masks=masks, sparse=False)
+        blend = routed(ids)
+    # fp32, 30 layers of row-subset matmuls: accumulation order differs per unit
+    assert (sparse - blend).abs().max() < 1e-3

@@ -7,3 +7,9 @@ FP32_REORDER = 1e-5
 # Perplexity from two implementations of the same mean NLL in fp32 / fp64
 # accumulation: relative.
 PPL_REL = 1e-5
+
+# A routed graph against the un-routed one, or sparse execution against dense
+# compute-then-blend, fp32: the same per-row math, only the matmul shapes (rows
+# gathered) differ, which changes accumulation order. Issue #3 fixes 1e-5;
+# measured differences on the tiny models are ≤ 2e-6.
+ROUTED_EQUAL = 1e-5

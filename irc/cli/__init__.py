@@ -18,6 +18,7 @@ from irc.errors import UserError
 SUBCOMMANDS: dict[str, str] = {
     "eval": "eval",
     "data": "data",
+    "inspect": "inspect",
 }
 
 

@@ -65,3 +65,28 @@ def test_eval_bad_arguments(tiny_dirs, tmp_path, capsys):
     assert "stride must be in [1, 8]" in capsys.readouterr().err
     assert main(["eval", str(tiny_dirs["llama"]), "--data", "nowhere.txt"]) == 2
     assert "no such corpus" in capsys.readouterr().err
+
+
+def test_inspect_a_tiny_model(tiny_dirs, tmp_path, capsys):
+    svg = tmp_path / "unit.svg"
+    assert main(["inspect", str(tiny_dirs["llama"]), "--sparsity", "0.5", "--dtype", "fp32",
+                 "--dot", str(svg), "--layer", "1"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[-1].startswith("PASSED inspect") and "units=4" in lines[-1]
+    assert sum(1 for line in lines if line.strip().startswith(("0  ", "1  ")) and " yes " in line) == 4
+    assert "# --- layer1_attn.query ---" in out and "scaled_dot_product_attention" in out
+    import xml.dom.minidom
+
+    doc = xml.dom.minidom.parse(str(svg))
+    labels = [t.firstChild.data for t in doc.getElementsByTagName("text") if t.firstChild]
+    assert "scaled_dot_product_attention" in labels and "token_gather (executed)" in labels
+
+
+def test_inspect_json_and_bad_sparsity(tiny_dirs, capsys):
+    assert main(["inspect", str(tiny_dirs["qwen2"]), "--json", "--dtype", "fp32", "--variant", "skip"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["routed_units"] == 4 and result["plan"]["variant"] == "skip"
+    assert result["flops_per_token"]["routed"] < result["flops_per_token"]["dense"]
+    assert main(["inspect", str(tiny_dirs["qwen2"]), "--sparsity", "1.5"]) == 2
+    assert "--sparsity must be in [0, 1)" in capsys.readouterr().err

@@ -1,0 +1,102 @@
+"""``irc inspect MODEL``: the routed graph as a table, a diff, code and a drawing."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="show the routed graph: units, FLOPs, graph diff, code, drawing",
+        description="Route MODEL (or open a routed model directory) and show, per layer, its "
+        "units, router and forecaster sizes and FLOPs per token dense vs routed at --sparsity; "
+        "the op-count diff of the graph before and after the routing pass; the code of one "
+        "routed unit; and, with --dot, a drawing of it.",
+    )
+    p.add_argument("model", help="routed model directory, Hugging Face directory, .gguf, or smollm2-135m")
+    p.add_argument("--sparsity", type=float, default=0.25,
+                   help="fraction of tokens approximated, for the FLOP columns (default 0.25)")
+    p.add_argument("--seq-len", type=int, default=1024, help="sequence length for attention FLOPs")
+    p.add_argument("--layer", type=int, default=0, help="the layer whose routed unit is shown (default 0)")
+    p.add_argument("--unit", choices=["attn", "mlp"], default="attn", help="which unit of --layer to show")
+    p.add_argument("--variant", choices=["informed", "skip", "mod"], default="informed",
+                   help="routing variant when MODEL is a base model (default informed)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--dot", metavar="FILE", help="draw the shown unit to FILE (.svg, or .dot for DOT text)")
+    p.add_argument("--no-code", action="store_true", help="do not print the unit's code")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import irc
+    from irc.cli.common import emit_json, fmt_int, info
+    from irc.errors import UserError
+    from irc.inspect.draw import write_drawing
+    from irc.inspect.summary import node_diff, unit_parts, unit_table
+    from irc.plan import RoutingPlan
+    from irc.routing import is_routed_dir
+
+    if not 0.0 <= args.sparsity < 1.0:
+        raise UserError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.dot and not args.dot.endswith((".svg", ".dot")):
+        raise UserError(f"--dot writes .svg or .dot files, got {args.dot}")
+    start = time.perf_counter()
+    if is_routed_dir(args.model):
+        routed = irc.load(args.model, dtype=args.dtype)
+    else:
+        routed = irc.route(irc.load_model(args.model, dtype=args.dtype), RoutingPlan(variant=args.variant))
+    rows = unit_table(routed, args.sparsity, args.seq_len)
+    dense = sum(r.dense_flops for r in rows) + routed.arch.head_flops()
+    after = sum(r.routed_flops for r in rows) + routed.arch.head_flops()
+    diff = node_diff(routed)
+    name = f"layer{args.layer}" if routed.plan.variant == "mod" else f"layer{args.layer}_{args.unit}"
+    if name not in routed.units:
+        raise UserError(f"no routed unit {name}; routed units: {', '.join(list(routed.units)[:6])}...")
+    unit = routed.units[name]
+    drawn = write_drawing(unit, args.dot, f"{name} of {args.model}") if args.dot else None
+    plan = routed.plan
+    if args.json:
+        emit_json({
+            "model": args.model, "plan": plan.to_dict(), "sparsity": args.sparsity, "seq_len": args.seq_len,
+            "units": [r.__dict__ for r in rows], "routed_units": len(routed.units),
+            "flops_per_token": {"dense": dense, "routed": after},
+            "nodes": {"captured": routed.capture_nodes, "top_level": len(routed.gm.graph.nodes)},
+            "diff": [{"op": op, "before": b, "after": a} for op, b, a in diff],
+            "passes": routed.passes, "drawing": args.dot,
+        })
+        return 0
+    info(f"model   {routed.base.describe()}")
+    info(f"plan    {plan.variant}, units {'+'.join(plan.kinds) if plan.variant != 'mod' else 'whole layers'}, "
+         f"layers {'all' if plan.layers is None else plan.layers}, router width "
+         f"{plan.router_width(routed.arch.hidden)}, LFF rank {plan.lff_rank}, n_sink {plan.n_sink}, "
+         f"kv {plan.kv_policy}")
+    info(f"graph   {fmt_int(routed.capture_nodes)} captured nodes → {fmt_int(len(routed.gm.graph.nodes))} "
+         f"top-level nodes with {len(routed.units)} routed units")
+    info("")
+    e = 1 - args.sparsity
+    info(f"{'layer':>5}  {'unit':<5} {'routed':<6} {'router':>9} {'LFF':>9} "
+         f"{'MFLOP/tok dense':>16} {f'routed @ e={e:.2f}':>16}")
+    for r in rows:
+        info(f"{r.layer:>5}  {r.kind:<5} {'yes' if r.routed else 'no':<6} {fmt_int(r.router_params):>9} "
+             f"{fmt_int(r.lff_params):>9} {r.dense_flops / 1e6:>16.2f} {r.routed_flops / 1e6:>16.2f}")
+    info(f"{'LM head':<33} {routed.arch.head_flops() / 1e6:>16.2f} {routed.arch.head_flops() / 1e6:>16.2f}")
+    info(f"{'total (T=' + str(args.seq_len) + ')':<33} {dense / 1e6:>16.2f} {after / 1e6:>16.2f}  "
+         f"({dense / after:.2f}× fewer)")
+    info("")
+    info("graph diff: op counts before the pass → after it (top level plus the units' own bodies)")
+    for op, b, a in diff:
+        info(f"  {op:<34} {b:>6} → {a:<6}")
+    if not args.no_code:
+        for part, gm in unit_parts(unit).items():
+            info("")
+            info(f"# --- {name}.{part} ---")
+            info(gm.code.strip())
+    if drawn:
+        info("")
+        info(f"drawing: wrote {args.dot} ({drawn})")
+    info(f"PASSED inspect {time.perf_counter() - start:.1f}s units={len(routed.units)} "
+         f"flops {dense / 1e6:.1f}→{after / 1e6:.1f} MFLOP/token ({dense / after:.2f}×) at sparsity {args.sparsity}")
+    return 0

@@ -1,0 +1,227 @@
+"""Routed models: build one from a base model, run it, save it, load it.
+
+    base = irc.load_model("smollm2-135m")
+    routed = irc.route(base, RoutingPlan(variant="informed"))
+    routed.set_routing("capacity", capacity=0.75)
+    logits = routed(input_ids)                        # [B, T, V]
+    routed.save("runs/smollm2-s25")
+    again = irc.load("runs/smollm2-s25")              # re-captures, re-applies, checks the base
+
+The directory format (DESIGN.md §4): ``irc.json`` (format version, base source and
+the sha256 of its weights, architecture, routing plan, per-unit facts, training
+and evaluation records) and ``routing.safetensors`` (router, forecaster and
+threshold tensors, and nothing of the base model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.fx import GraphModule
+
+from irc import __version__
+from irc.cache import atomic_dir
+from irc.capture import capture
+from irc.errors import UserError
+from irc.models import LoadedModel, load_model
+from irc.passes.drop_noop_conversions import drop_noop_conversions
+from irc.passes.pipeline import run_passes
+from irc.passes.route_decoder_blocks import route_decoder_blocks, routed_modules, set_routing
+from irc.plan import RoutingPlan
+
+FORMAT = "irc-routed-model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class RoutedModel:
+    gm: GraphModule
+    plan: RoutingPlan
+    base: LoadedModel
+    passes: list[dict] = field(default_factory=list)
+    capture_nodes: int = 0
+    capture_op_counts: dict = field(default_factory=dict)
+    records: dict = field(default_factory=dict)  # training / evaluation records saved in irc.json
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.gm(input_ids, attention_mask)
+
+    @property
+    def units(self) -> dict[str, torch.nn.Module]:
+        return routed_modules(self.gm)
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
+
+    @property
+    def arch(self):
+        return self.base.arch
+
+    def set_routing(self, mode: str, **kwargs) -> None:
+        set_routing(self.gm, mode, **kwargs)
+
+    def reset_stats(self) -> None:
+        for u in self.units.values():
+            u.reset_stats()
+
+    def execute_fractions(self) -> dict[str, float | None]:
+        return {name: u.execute_fraction for name, u in self.units.items()}
+
+    def routing_state(self) -> dict[str, torch.Tensor]:
+        """Router, forecaster and threshold tensors of every unit (what ``routing.safetensors`` holds)."""
+        state = {}
+        for name, unit in self.units.items():
+            for part in ("router", "forecaster"):
+                module = getattr(unit, part)
+                if module is not None:
+                    for k, v in module.state_dict().items():
+                        state[f"{name}.{part}.{k}"] = v
+            state[f"{name}.threshold"] = unit.threshold
+        return state
+
+    def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.routing_state())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise UserError(f"routing weights do not fit the routing plan: missing "
+                            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        for name, unit in self.units.items():
+            for part in ("router", "forecaster"):
+                module = getattr(unit, part)
+                if module is not None:
+                    prefix = f"{name}.{part}."
+                    module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            unit.threshold.copy_(state[f"{name}.threshold"])
+
+    def describe_units(self) -> list[dict]:
+        rows = []
+        for name, unit in self.units.items():
+            rows.append({
+                "name": name,
+                "layer": unit.layer,
+                "kind": unit.kind,
+                "variant": self.plan.variant,
+                "router_width": unit.router.fc1.out_features,
+                "lff_rank": unit.forecaster.w1.out_features if unit.forecaster is not None else None,
+                "threshold": float(unit.threshold),
+                "execute_fraction": unit.execute_fraction,
+            })
+        return rows
+
+    def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``irc.json`` and ``routing.safetensors`` into ``out``, atomically."""
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise UserError(f"{out} already exists; choose another directory or overwrite it")
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "irc_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "base": {
+                "source": self.base.source.given,
+                "path": str(self.base.source.path),
+                "kind": self.base.source.kind,
+                "weights_sha256": self.base.weights_sha256,
+                "dtype": str(self.base.dtype).replace("torch.", ""),
+            },
+            "architecture": self.arch.to_dict(),
+            "plan": self.plan.to_dict(),
+            "units": self.describe_units(),
+            **self.records,
+        }
+        state = {k: v.detach().contiguous().cpu() for k, v in self.routing_state().items()}
+        with atomic_dir(out.parent / f".{out.name}.new") as tmp:
+            save_file(state, tmp / "routing.safetensors", metadata={"format": FORMAT})
+            (tmp / "irc.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _swap_into_place(out.parent / f".{out.name}.new", out)
+        return out
+
+
+def _swap_into_place(new: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def route(base: LoadedModel, plan: RoutingPlan | None = None, *, dump_dir: str | Path | None = None) -> RoutedModel:
+    """Capture ``base`` and apply the routing pipeline."""
+    plan = plan or RoutingPlan()
+    captured = capture(base.model)
+    gm = captured.gm
+    op_counts = op_histogram(gm)
+    passes = [
+        # fp32 graphs route residual uses through no-op `to` nodes; restore the source's data flow
+        ("drop_noop_conversions", drop_noop_conversions),
+        # the rewrite: each selected unit becomes a RoutedUnit (or a RoutedLayer for `mod`)
+        ("route_decoder_blocks", lambda g: route_decoder_blocks(g, plan)),
+    ]
+    report = run_passes(gm, passes, dump_dir)
+    return RoutedModel(gm=gm, plan=plan, base=base, passes=report, capture_nodes=captured.nodes,
+                       capture_op_counts=op_counts)
+
+
+def op_histogram(gm: GraphModule) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            key = getattr(n.target, "__name__", str(n.target))
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def is_routed_dir(path: str | Path) -> bool:
+    return (Path(path) / "irc.json").is_file()
+
+
+def load(directory: str | Path, *, dtype: str | torch.dtype | None = None, base: str | None = None) -> RoutedModel:
+    """Load a routed model directory: re-capture the base, re-apply the pass, load the routing weights.
+
+    ``base`` overrides where the base model is looked for (its weights must still
+    hash to what the directory records).
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    manifest_path = directory / "irc.json"
+    if not manifest_path.is_file():
+        raise UserError(f"{directory} is not a routed model directory (no irc.json)")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{manifest_path}: unsupported format {manifest.get('format')!r} version "
+                        f"{manifest.get('format_version')!r}; this irc reads {FORMAT} {FORMAT_VERSION}")
+    info = manifest["base"]
+    source = base or info["source"]
+    if base is None and not _exists_as_source(source) and Path(info["path"]).exists():
+        source = info["path"]
+    loaded = load_model(source, dtype=dtype or info.get("dtype", "bf16"))
+    if loaded.weights_sha256 != info["weights_sha256"]:
+        raise UserError(
+            f"the base model at {source} is not the one {directory} was built on: its weights hash to "
+            f"{loaded.weights_sha256[:16]}…, the routed model records {info['weights_sha256'][:16]}…"
+        )
+    plan = RoutingPlan.from_dict(manifest["plan"])
+    routed = route(loaded, plan)
+    # load_state_dict copies into the existing tensors, casting to their dtype
+    routed.load_routing_state(load_file(directory / "routing.safetensors"))
+    routed.records = {k: v for k, v in manifest.items() if k in ("training", "evaluation", "calibration")}
+    return routed
+
+
+def _exists_as_source(source: str) -> bool:
+    from irc.models.sources import ALIASES
+
+    return source in ALIASES or Path(source).exists()
