@@ -164,7 +164,7 @@ def _layered_svg(nodes, edges, title: str) -> str:
            f'<text x="{gap_x}" y="16" font-size="13">{html.escape(title)}</text>']
     for lvl, members in sorted(rows.items()):
         offset = (width - len(members) * (box_w + gap_x)) / 2
-        for i, (nid, label, cluster) in enumerate(members):
+        for i, (nid, _label, _cluster) in enumerate(members):
             x, y = offset + gap_x / 2 + i * (box_w + gap_x), 30 + lvl * (box_h + gap_y)
             pos[nid] = (x, y)
     for a, b in edges:
