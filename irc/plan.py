@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-VARIANTS = ("informed", "skip", "mod")
+VARIANTS = ("informed", "skip", "mod", "static")
+LFF_ACTIVATIONS = ("identity", "silu")
 KINDS = ("attn", "mlp")
 KV_POLICIES = ("keep", "drop")
 MODES = ("train", "threshold", "capacity", "mask", "dense")
@@ -20,10 +21,13 @@ class RoutingPlan:
 
     - ``variant``: ``informed`` (approximated tokens take the forecaster's output),
       ``skip`` (they take the identity, as SkipGPT), ``mod`` (Mixture-of-Depths:
-      whole layers, top-k tokens per sequence, output scaled by the router weight).
+      whole layers, top-k tokens per sequence, output scaled by the router weight),
+      ``static`` (ShortGPT: the layers in ``layers`` are dropped for every token).
     - ``kinds`` / ``layers``: the units routed (``layers=None``: all).
     - ``router_hidden``: router width; ``None`` is ``max(D//4 − 200, D//8)``.
     - ``lff_rank``: the forecaster's rank r.
+    - ``lff_activation``: ``identity`` (a reduced-rank linear map, what the closed-form
+      fit produces) or ``silu`` (the paper's ``W2·SiLU(W1·a + b1) + b2``).
     - ``n_sink``: the first n real tokens of each sequence always execute.
     - ``kv_policy``: ``keep`` (approximated tokens still serve as keys) or ``drop``.
     - ``capacity``: the execute fraction c of ``capacity`` mode (k = ceil(c·T)).
@@ -34,6 +38,7 @@ class RoutingPlan:
     layers: tuple[int, ...] | None = None
     router_hidden: int | None = None
     lff_rank: int = 100
+    lff_activation: str = "identity"
     n_sink: int = 4
     kv_policy: str = "keep"
     capacity: float = 0.75
@@ -50,6 +55,11 @@ class RoutingPlan:
             raise ValueError(f"kv_policy must be one of {', '.join(KV_POLICIES)}, got {self.kv_policy!r}")
         if self.router_hidden is not None and self.router_hidden < 1:
             raise ValueError(f"router_hidden must be positive, got {self.router_hidden}")
+        if self.lff_activation not in LFF_ACTIVATIONS:
+            raise ValueError(f"lff_activation must be one of {', '.join(LFF_ACTIVATIONS)}, "
+                             f"got {self.lff_activation!r}")
+        if self.variant == "static" and not self.layers:
+            raise ValueError("the static variant needs the layers to drop (layers=...)")
         if self.lff_rank < 1:
             raise ValueError(f"lff_rank must be positive, got {self.lff_rank}")
         if self.n_sink < 0:
@@ -66,7 +76,7 @@ class RoutingPlan:
 
     def selects(self, layer: int, kind: str) -> bool:
         in_layers = self.layers is None or layer in self.layers
-        return in_layers and (self.variant == "mod" or kind in self.kinds)
+        return in_layers and (self.variant in ("mod", "static") or kind in self.kinds)
 
     def to_dict(self) -> dict:
         d = asdict(self)

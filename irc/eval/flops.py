@@ -61,6 +61,11 @@ def model_flops(arch: Architecture, plan: RoutingPlan, seq_len: int, execute: fl
     """(dense, routed) FLOPs per token of the whole model, LM head included."""
     dense = routed = float(arch.head_flops())
     for layer in range(arch.n_layers):
+        if plan.variant == "static":
+            u = unit_flops(arch, plan, "layer", seq_len, 1.0)
+            dense += u.dense
+            routed += 0.0 if plan.selects(layer, "layer") else u.dense
+            continue
         if plan.variant == "mod":
             u = unit_flops(arch, plan, "layer", seq_len, execute if plan.selects(layer, "layer") else 1.0)
             dense += u.dense

@@ -71,11 +71,13 @@ def unit_table(routed, sparsity: float, seq_len: int) -> list[UnitRow]:
     units = routed.units
     rows = []
     for layer in range(arch.n_layers):
-        kinds = ("layer",) if plan.variant == "mod" else ("attn", "mlp")
+        kinds = ("layer",) if plan.variant in ("mod", "static") else ("attn", "mlp")
         for kind in kinds:
             name = f"layer{layer}" if kind == "layer" else f"layer{layer}_{kind}"
             unit = units.get(name)
-            f = unit_flops(arch, plan, kind, seq_len, 1.0 - sparsity)
+            f = unit_flops(arch, plan, kind, seq_len, 0.0 if plan.variant == "static" else 1.0 - sparsity)
+            if plan.variant == "static":
+                f = type(f)(f.dense, 0.0, f.router, 0.0)
             if unit is None:
                 rows.append(UnitRow(name, layer, kind, False, 0, 0, f.dense, f.dense))
                 continue

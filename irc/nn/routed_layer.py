@@ -14,6 +14,9 @@ rule), ``threshold`` selects ``r ≥ θ``, ``mask`` takes decisions from outside
 ``train`` selects by capacity and computes densely with keys restricted to the
 selected tokens. The first ``n_sink`` real tokens are always selected.
 
+With ``static=True`` (the ShortGPT baseline) the layer is dropped for every
+token in every mode but ``dense``.
+
 Legend: B batch, T tokens, K selected tokens (Kmax: most in one row), D hidden.
 """
 
@@ -34,8 +37,10 @@ from irc.plan import MODES
 class RoutedLayer(nn.Module):
     kind = "layer"
 
-    def __init__(self, *, layer: int, block: GraphModule, roles: list[ArgRole], router: Router, n_sink: int):
+    def __init__(self, *, layer: int, block: GraphModule, roles: list[ArgRole], router: Router, n_sink: int,
+                 static: bool = False):
         super().__init__()
+        self.static = static  # ShortGPT: outside dense mode the layer is dropped for every token
         self.layer = layer
         self.block = block
         self.roles = roles
@@ -67,6 +72,10 @@ class RoutedLayer(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *extras) -> torch.Tensor:
         if self.mode == "dense":
             return self.block(*self._args(x, extras))
+        if self.static:
+            if self.record:
+                self.tokens += int(attention_mask.sum())
+            return x
         pad = attention_mask.bool()  # [B, T]
         r = self.router(x)[..., 0].float()  # [B, T]
         select = self._decide(r, pad, sink_mask(pad, self.n_sink))
@@ -130,4 +139,4 @@ class RoutedLayer(nn.Module):
         return args
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, mode={self.mode}, n_sink={self.n_sink}, variant=mod"
+        return f"layer={self.layer}, mode={self.mode}, n_sink={self.n_sink}, static={self.static}"

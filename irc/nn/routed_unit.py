@@ -84,6 +84,11 @@ class RoutedUnit(nn.Module):
         self.record = True
         self.executed = 0
         self.tokens = 0
+        # training hooks: called in dense mode with (unit, x, a, U(a), attention_mask)
+        self.observer = None
+        # set by train mode for the loss: soft-differentiable gates and the cos regulariser
+        self.last_gate: torch.Tensor | None = None
+        self.last_cosreg: torch.Tensor | None = None
 
     # --- configuration ------------------------------------------------------
     def set_mode(self, mode: str) -> None:
@@ -102,12 +107,15 @@ class RoutedUnit(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *extras) -> torch.Tensor:
         a = self.norm(x)  # [B, T, D]
         if self.mode == "dense":
-            return self.body(*self._args(self.body_roles, a, extras))
+            u = self.body(*self._args(self.body_roles, a, extras))
+            if self.observer is not None:
+                self.observer(self, x, a, u, attention_mask)
+            return u
         pad = attention_mask.bool()  # [B, T], True on real tokens
         sinks = sink_mask(pad, self.n_sink)
         logits = self.router(a)  # [B, T, 2]
         if self.mode == "train":
-            return self._train(a, extras, logits, pad, sinks)
+            return self._train(x, a, extras, logits, pad, sinks)
         execute = self._decide(logits, pad, sinks)  # [B, T] bool
         self._record(execute, pad)
         if not self.sparse:
@@ -122,13 +130,19 @@ class RoutedUnit(nn.Module):
             rows, u = self._sparse_attention(a, extras, execute, pad)
         return self._assemble(a, rows, u, pad & ~execute)
 
-    def _train(self, a, extras, logits, pad, sinks):
+    def _train(self, x, a, extras, logits, pad, sinks):
         g = F.gumbel_softmax(logits.float(), tau=self.tau, hard=True)[..., 0]  # [B, T], straight-through
         g = torch.where(sinks, torch.ones_like(g), g)
         execute = (g > 0.5) & pad
         self._record(execute, pad)
         u = self.body(*self._args(self.body_roles, a, extras, keep=self._keep(execute, pad)))
         f = self._approximate(a, pad)
+        real = pad.to(g.dtype)
+        self.last_gate = (g, real)
+        # tokens the unit changes a lot (low cos(x, x + U(a))) should not be approximated
+        with torch.no_grad():
+            change = 1 - F.cosine_similarity(x.float(), (x + u).float(), dim=-1)  # [B, T]
+        self.last_cosreg = ((1 - g) * change * real).sum() / real.sum().clamp(min=1)
         g = g.to(u.dtype).unsqueeze(-1)
         return g * u + (1 - g) * f
 

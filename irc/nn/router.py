@@ -22,4 +22,5 @@ class Router(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, outputs]
-        return self.fc2(torch.relu(self.fc1(a)))
+        # routers may be kept in fp32 while training a bf16 model
+        return self.fc2(torch.relu(self.fc1(a.to(self.fc1.weight.dtype))))

@@ -47,7 +47,7 @@ def route_decoder_blocks(gm: GraphModule, plan: RoutingPlan) -> PassResult:
     units = find_units(gm)
     before = len(gm.graph.nodes)
     routed: list[str] = []
-    if plan.variant == "mod":
+    if plan.variant in ("mod", "static"):
         by_layer: dict[int, list[Unit]] = {}
         for u in units:
             by_layer.setdefault(u.layer, []).append(u)
@@ -133,7 +133,8 @@ def _route_unit(gm, unit: Unit, plan: RoutingPlan, mask_input, batch_sym, seq_sy
         body=body.module,
         body_roles=body_roles,
         router=Router(int(hidden), plan.router_width(int(hidden)), dtype),
-        forecaster=Forecaster(int(hidden), plan.lff_rank, dtype) if plan.variant == "informed" else None,
+        forecaster=(Forecaster(int(hidden), plan.lff_rank, dtype, plan.lff_activation)
+                    if plan.variant == "informed" else None),
         n_sink=plan.n_sink,
         kv_policy=plan.kv_policy,
         kv=split.kv.module if split else None,
@@ -173,6 +174,7 @@ def _route_layer(gm, units: list[Unit], plan, mask_input, batch_sym, seq_sym, re
         roles=roles,
         router=Router(hidden, plan.router_width(hidden), _dtype(nodes), outputs=1),
         n_sink=plan.n_sink,
+        static=plan.variant == "static",
     )
     name = f"layer{first.layer}"
     # the layer returns y itself, so the call replaces the last residual add

@@ -1,0 +1,162 @@
+"""Stage 3: train the routers (everything else frozen).
+
+Loss ``CE_LM + 8·|(1 − s) − ē| + 0.1·cosreg`` (see ``losses``), hard Gumbel-softmax
+gates with a straight-through gradient, temperature annealed linearly from
+``tau_start`` to ``tau_end``; AdamW with a cosine or constant schedule and
+gradient accumulation. Routers train in fp32 (a bf16 model keeps bf16
+activations); they are cast back to the model's dtype afterwards.
+
+A ``RouterTrainState`` (step, router and optimizer state, the RNG state) is
+handed to ``on_checkpoint`` every ``checkpoint_every`` steps; passing it back as
+``resume`` continues exactly where it stopped: data order is a function of the
+step, and the Gumbel noise comes from the restored RNG.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from irc.progress import progress
+from irc.train.losses import lm_loss, routing_terms
+
+
+@dataclass(frozen=True)
+class RouterTrainConfig:
+    sparsity: float
+    steps: int = 100
+    batch_size: int = 2
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: int = 5
+    grad_accum: int = 1
+    tau_start: float = 5.0
+    tau_end: float = 1.0
+    sparsity_weight: float = 8.0
+    cos_weight: float = 0.1
+    checkpoint_every: int = 20
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_size and grad_accum must be positive")
+
+    def tau(self, step: int) -> float:
+        frac = step / max(self.steps - 1, 1)
+        return self.tau_start + (self.tau_end - self.tau_start) * frac
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return 1.0
+        progress_ = (step - self.warmup) / max(self.steps - self.warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * progress_))
+
+
+@dataclass
+class RouterTrainState:
+    step: int = 0
+    routers: dict = field(default_factory=dict)
+    optimizer: dict = field(default_factory=dict)
+    rng: torch.Tensor | None = None
+    history: list = field(default_factory=list)
+
+
+def _routers(routed) -> dict[str, torch.nn.Module]:
+    return {name: u.router for name, u in routed.units.items()}
+
+
+def train_routers(routed, windows: torch.Tensor, config: RouterTrainConfig, *, resume: RouterTrainState | None = None,
+                  on_checkpoint=None, show_progress: bool = True) -> RouterTrainState:
+    """Train every unit's router on ``windows [N, T]``; returns the final state."""
+    routers = _routers(routed)
+    base_dtype = next(iter(routers.values())).fc1.weight.dtype
+    for p in routed.gm.parameters():
+        p.requires_grad_(False)
+    params = []
+    for r in routers.values():
+        r.float()
+        for p in r.parameters():
+            p.requires_grad_(True)
+            params.append(p)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    state = resume or RouterTrainState()
+    if resume is not None:
+        for name, r in routers.items():
+            r.load_state_dict({k[len(name) + 1 :]: v for k, v in resume.routers.items() if k.startswith(name + ".")})
+        optimizer.load_state_dict(resume.optimizer)
+        torch.set_rng_state(resume.rng)
+    routed.gm.train()
+    units = list(routed.units.values())
+    bar = progress(total=config.steps, desc="router training", unit="step", enabled=show_progress)
+    bar.update(state.step)
+    try:
+        while state.step < config.steps:
+            step = state.step
+            tau = config.tau(step)
+            routed.set_routing("train", tau=tau, capacity=1.0 - config.sparsity, record=True)
+            routed.reset_stats()
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * config.lr_factor(step)
+            optimizer.zero_grad()
+            totals = {"loss": 0.0, "ce": 0.0, "exec": 0.0}
+            for micro in range(config.grad_accum):
+                idx = (step * config.grad_accum + micro) * config.batch_size
+                batch = torch.stack([windows[(idx + i) % len(windows)] for i in range(config.batch_size)])
+                mask = torch.ones_like(batch)
+                logits = routed(batch, mask)
+                ce = lm_loss(logits, batch, mask)
+                loss = ce
+                e_bar, cos = routing_terms(units)
+                if e_bar is not None:
+                    loss = loss + config.sparsity_weight * (1 - config.sparsity - e_bar).abs() + config.cos_weight * cos
+                    totals["exec"] += float(e_bar.detach()) / config.grad_accum
+                (loss / config.grad_accum).backward()
+                totals["loss"] += float(loss.detach()) / config.grad_accum
+                totals["ce"] += float(ce.detach()) / config.grad_accum
+            optimizer.step()
+            state.step += 1
+            kinds = _fractions_by_kind(units)
+            state.history.append({"step": state.step, "tau": round(tau, 3), **{k: round(v, 4) for k, v in totals.items()},
+                                  **{f"exec_{k}": round(v, 4) for k, v in kinds.items()}})
+            bar.update(1)
+            bar.set_postfix(loss=f"{totals['loss']:.3f}", tau=f"{tau:.2f}",
+                            **{f"exec_{k}": f"{v:.2f}" for k, v in kinds.items()})
+            if on_checkpoint is not None and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
+                on_checkpoint(_snapshot(state, routers, optimizer))
+    finally:
+        bar.close()
+        routed.gm.eval()
+        for r in routers.values():
+            for p in r.parameters():
+                p.requires_grad_(False)
+            r.to(base_dtype)
+        routed.set_routing("dense")
+    return state
+
+
+def _snapshot(state: RouterTrainState, routers, optimizer) -> RouterTrainState:
+    return RouterTrainState(
+        step=state.step,
+        routers={f"{n}.{k}": v.detach().clone() for n, r in routers.items() for k, v in r.state_dict().items()},
+        optimizer=copy.deepcopy(optimizer.state_dict()),
+        rng=torch.get_rng_state(),
+        history=list(state.history),
+    )
+
+
+def _fractions_by_kind(units) -> dict[str, float]:
+    by: dict[str, list[int]] = {}
+    for u in units:
+        acc = by.setdefault(u.kind, [0, 0])
+        acc[0] += u.executed
+        acc[1] += u.tokens
+    return {k: e / t for k, (e, t) in by.items() if t}
