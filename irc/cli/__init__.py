@@ -16,6 +16,7 @@ from irc.errors import UserError
 
 # name → module under irc.cli (imported lazily: `irc --help` stays fast)
 SUBCOMMANDS: dict[str, str] = {
+    "convert": "convert",
     "eval": "eval",
     "data": "data",
     "inspect": "inspect",

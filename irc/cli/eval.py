@@ -13,7 +13,13 @@ def add_parser(subparsers) -> None:
         description="Perplexity of MODEL (a Hugging Face directory, a .gguf file, or "
         "smollm2-135m) on a corpus, with tokens scored, tokens/s and peak memory.",
     )
-    p.add_argument("model", help="Hugging Face directory, .gguf file, or smollm2-135m")
+    p.add_argument("model", help="routed model directory (from irc convert), Hugging Face directory, "
+                   ".gguf file, or smollm2-135m")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="routed models: move the sparsity dial (recalibrate the thresholds on held-in "
+                   "data) before evaluating")
+    p.add_argument("--calib-data", default="wiki:train",
+                   help="held-in corpus for --sparsity (default wiki:train; its last 4 windows)")
     p.add_argument("--data", default="wiki:heldout",
                    help="corpus: wiki[:train|heldout], or a .txt/.jsonl file or folder [:SPLIT] "
                    "(default: wiki:heldout)")
@@ -43,6 +49,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-tokens must be 0 (all) or positive, got {args.max_tokens}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    from irc.routing import is_routed_dir
+
+    if is_routed_dir(args.model):
+        return _run_routed(args)
+    if args.sparsity is not None:
+        raise UserError("--sparsity applies to routed model directories (made by irc convert)")
     start = time.perf_counter()
     loaded = load_model(args.model, dtype=args.dtype)
     corpus = load_corpus(args.data, default_split="heldout")
@@ -85,4 +97,58 @@ def run(args: argparse.Namespace) -> int:
          f"{result.peak_memory_mb:,.0f} MB ({result.memory_kind})")
     info(f"PASSED eval {total:.1f}s ppl {result.perplexity:.2f} tokens/s "
          f"{result.tokens_per_s:,.0f} model={args.model}")
+    return 0
+
+
+def _run_routed(args: argparse.Namespace) -> int:
+    import irc
+    from irc.cli.common import emit_json, fmt_int, info
+    from irc.data import load_corpus, token_stream
+    from irc.errors import UserError
+    from irc.eval.routed import evaluate_routed
+    from irc.train.calibrate import calibrate_thresholds
+    from irc.train.windows import make_windows
+
+    start = time.perf_counter()
+    routed = irc.load(args.model, dtype=args.dtype)
+    if routed.arch.max_positions and args.seq_len > routed.arch.max_positions:
+        raise UserError(f"--seq-len {args.seq_len} is longer than the model's {routed.arch.max_positions} positions")
+    calibration = None
+    if args.sparsity is not None:
+        if not 0.0 <= args.sparsity < 1.0:
+            raise UserError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+        held_in = token_stream(load_corpus(args.calib_data, default_split="train"), routed.tokenizer)
+        n = 4 * args.seq_len
+        if len(held_in) < n:
+            raise UserError(f"{args.calib_data} has too few tokens to calibrate ({len(held_in)} < {n})")
+        calib = make_windows(held_in[len(held_in) - n :], args.seq_len, 4)
+        calibration = calibrate_thresholds(routed, calib, args.sparsity, show_progress=not args.json)
+    trained = routed.records.get("training", {}).get("sparsity")
+    corpus = load_corpus(args.data, default_split="heldout")
+    stream = token_stream(corpus, routed.tokenizer, args.bos)
+    result = evaluate_routed(routed, stream, seq_len=args.seq_len, stride=args.stride,
+                             max_tokens=args.max_tokens or None,
+                             sparsity=args.sparsity if args.sparsity is not None else trained,
+                             show_progress=not args.json)
+    sp, flops = result["sparsity"], result["flops_per_token"]
+    if args.json:
+        emit_json({"model": args.model, "routed": True, "variant": routed.plan.variant, "data": corpus.spec,
+                   "trained_sparsity": trained, "requested_sparsity": args.sparsity,
+                   **{k: v for k, v in result.items()}, "calibration": calibration})
+        return 0
+    dense = routed.records.get("evaluation", {}).get("dense_perplexity")
+    info(f"model       {args.model}: {routed.plan.variant} routing of {routed.base.describe()}, "
+         f"{len(routed.units)} routed units, trained for sparsity {trained}")
+    info(f"data        {corpus.spec}: {fmt_int(result['tokens'])} tokens scored in windows of {args.seq_len}")
+    info(f"perplexity  {result['perplexity']:.3f}" + (f"  (dense {dense:.3f}, recorded at convert time)" if dense else ""))
+    kinds = ", ".join(f"{k} {v:.3f}" for k, v in sp["by_kind"].items() if v is not None)
+    info(f"sparsity    {sp['overall']:.3f} achieved ({kinds})"
+         + (f"; requested {args.sparsity:.2f}" if args.sparsity is not None else ""))
+    layers = " ".join(f"{k}:{v:.2f}" for k, v in sp["by_layer"].items() if v is not None)
+    info(f"by layer    {layers}")
+    info(f"FLOPs       {flops['dense'] / 1e6:.1f} → {flops['routed'] / 1e6:.1f} MFLOP/token "
+         f"({100 * flops['saved']:.1f}% saved, routers and forecasters included)")
+    info(f"speed       {result['tokens_per_s']:,.0f} tokens/s")
+    info(f"PASSED eval {time.perf_counter() - start:.1f}s ppl {result['perplexity']:.2f} "
+         f"sparsity={sp['overall']:.3f} model={args.model}")
     return 0

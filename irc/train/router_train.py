@@ -94,7 +94,6 @@ def train_routers(routed, windows: torch.Tensor, config: RouterTrainConfig, *, r
             r.load_state_dict({k[len(name) + 1 :]: v for k, v in resume.routers.items() if k.startswith(name + ".")})
         optimizer.load_state_dict(resume.optimizer)
         torch.set_rng_state(resume.rng)
-    routed.gm.train()
     units = list(routed.units.values())
     bar = progress(total=config.steps, desc="router training", unit="step", enabled=show_progress)
     bar.update(state.step)
@@ -134,7 +133,6 @@ def train_routers(routed, windows: torch.Tensor, config: RouterTrainConfig, *, r
                 on_checkpoint(_snapshot(state, routers, optimizer))
     finally:
         bar.close()
-        routed.gm.eval()
         for r in routers.values():
             for p in r.parameters():
                 p.requires_grad_(False)

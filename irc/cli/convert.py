@@ -1,0 +1,80 @@
+"""``irc convert MODEL -o OUT --sparsity S``: the whole job, resumable."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="turn a dense model into a trained routed model",
+        description="Capture MODEL, rewrite its units into routed units, fit the forecasters, "
+        "train the routers, calibrate the thresholds for --sparsity, evaluate dense vs routed "
+        "perplexity, and save OUT. Every stage checkpoints beside OUT; --resume continues an "
+        "interrupted run. OUT is written only when everything succeeded.",
+    )
+    p.add_argument("model", help="Hugging Face directory, .gguf file, or smollm2-135m")
+    p.add_argument("-o", "--out", required=True, help="output directory (the routed model)")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of tokens approximated, in [0, 1)")
+    p.add_argument("--variant", default="informed", choices=["informed", "skip", "mod", "static"],
+                   help="informed (the paper), skip (SkipGPT), mod (Mixture-of-Depths), static (ShortGPT)")
+    p.add_argument("--preset", default="quick", choices=["quick", "standard"],
+                   help="training budget: quick (minutes, the demo) or standard (the benchmark)")
+    p.add_argument("--data", default="wiki:train", help="training corpus (default wiki:train)")
+    p.add_argument("--eval-data", default="wiki:heldout", help="evaluation corpus (default wiki:heldout)")
+    p.add_argument("--eval-tokens", type=int, default=20480, help="tokens evaluated (default 20480)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--lff-rank", type=int, default=100, help="forecaster rank r (default 100)")
+    p.add_argument("--lff-form", default="identity", choices=["identity", "silu"],
+                   help="linear reduced-rank forecaster (closed form) or the paper's SiLU form")
+    p.add_argument("--lff-fit", default="closed-form", choices=["closed-form", "smoothl1"],
+                   help="forecaster fit: closed-form ridge + reduced rank (default) or the paper's SmoothL1")
+    p.add_argument("--kv-policy", default="keep", choices=["keep", "drop"])
+    p.add_argument("--no-router-init", action="store_true", help="skip stage 2 (router init from LFF error)")
+    p.add_argument("--router-steps", type=int, help="override the preset's router training steps")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-dense-eval", action="store_true", help="do not evaluate the dense model")
+    p.add_argument("--json", action="store_true", help="print the run's summary as one JSON object")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+    import time
+
+    from irc.cli.common import emit_json, info
+    from irc.train.convert import ConvertConfig, convert
+
+    overrides = {}
+    if args.router_steps is not None:
+        overrides["router_steps"] = args.router_steps
+    config = ConvertConfig.from_preset(
+        args.sparsity, args.preset, variant=args.variant, data=args.data, eval_data=args.eval_data,
+        seed=args.seed, dtype=args.dtype, lff_rank=args.lff_rank, lff_activation=args.lff_form,
+        lff_method=args.lff_fit, kv_policy=args.kv_policy, router_init=not args.no_router_init,
+        eval_tokens=args.eval_tokens, evaluate_dense=not args.no_dense_eval, **overrides,
+    )
+    start = time.perf_counter()
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else info
+    summary = convert(args.model, args.out, config, resume=args.resume, overwrite=args.overwrite,
+                      show_progress=not args.json, log=log)
+    if args.json:
+        emit_json(summary)
+        return 0
+    ev = summary["evaluation"]
+    sp = ev["sparsity"]
+    flops = ev["flops_per_token"]
+    by_kind = ", ".join(f"{k} {v:.2f}" for k, v in sp["by_kind"].items() if v is not None)
+    dense = ev.get("dense_perplexity")
+    info("stages      " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["training"]["seconds"].items()))
+    info(f"perplexity  dense {dense:.2f} → routed {ev['perplexity']:.2f}" if dense else
+         f"perplexity  routed {ev['perplexity']:.2f}")
+    info(f"sparsity    target {args.sparsity:.2f}, achieved {sp['overall']:.3f} ({by_kind})")
+    info(f"FLOPs       {flops['dense'] / 1e6:.1f} → {flops['routed'] / 1e6:.1f} MFLOP/token "
+         f"({100 * flops['saved']:.1f}% saved, routers and forecasters included)")
+    ppl = f"ppl {dense:.2f}→{ev['perplexity']:.2f}" if dense else f"ppl {ev['perplexity']:.2f}"
+    info(f"PASSED convert {time.perf_counter() - start:.1f}s sparsity={sp['overall']:.3f} {ppl} out={args.out}")
+    return 0

@@ -1,0 +1,113 @@
+"""irc convert on a tiny model: resume equals an uninterrupted run; failures leave no OUT."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from irc.cli import main
+from irc.train.convert import ConvertConfig, convert
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _config(corpus, **kw):
+    base = dict(sparsity=0.5, dtype="fp32", lff_rank=8, n_sink=2, lff_seq_len=64, lff_windows=4,
+                init_windows=2, router_steps=8, batch_size=2, train_seq_len=32, calib_windows=2,
+                checkpoint_every=3, eval_seq_len=64, eval_tokens=640,
+                data=str(corpus / "train.jsonl"), eval_data=str(corpus / "heldout.jsonl"))
+    return ConvertConfig(**{**base, **kw})
+
+
+def _same_outputs(a, b):
+    sa, sb = load_file(a / "routing.safetensors"), load_file(b / "routing.safetensors")
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert (sa[k] == sb[k]).all(), k
+    ea, eb = (json.loads((d / "irc.json").read_text())["evaluation"] for d in (a, b))
+    assert ea["perplexity"] == eb["perplexity"]
+
+
+@pytest.mark.parametrize("stop_at", ["routers-checkpoint", "lff", "calibrate"])
+def test_resume_equals_an_uninterrupted_run(tiny_dirs, tiny_corpus, tmp_path, stop_at):
+    model = str(tiny_dirs["llama"])
+    config = _config(tiny_corpus)
+    whole = tmp_path / "whole"
+    convert(model, whole, config, show_progress=False, log=lambda s: None)
+
+    def interrupt(name, info):
+        if name == stop_at and info.get("step", 3) == 3:
+            raise Interrupt(name)
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Interrupt):
+        convert(model, out, config, show_progress=False, log=lambda s: None, on_stage=interrupt)
+    assert not out.exists()  # nothing that looks complete
+    assert (tmp_path / ".resumed.irc-work").is_dir()
+    convert(model, out, config, resume=True, show_progress=False, log=lambda s: None)
+    _same_outputs(whole, out)
+    assert not (tmp_path / ".resumed.irc-work").exists()
+
+
+def test_resume_refuses_another_configuration(tiny_dirs, tiny_corpus, tmp_path):
+    model = str(tiny_dirs["llama"])
+    out = tmp_path / "o"
+
+    def stop(name, info):
+        raise Interrupt(name)
+
+    with pytest.raises(Interrupt):
+        convert(model, out, _config(tiny_corpus), show_progress=False, log=lambda s: None, on_stage=stop)
+    from irc.errors import UserError
+
+    with pytest.raises(UserError, match="belong to another configuration"):
+        convert(model, out, _config(tiny_corpus, seed=1), resume=True, show_progress=False, log=lambda s: None)
+
+
+def test_failed_convert_leaves_no_out(tiny_dirs, tiny_corpus, tmp_path):
+    from irc.errors import UserError
+
+    out = tmp_path / "o"
+    with pytest.raises(UserError, match="training data holds"):
+        convert(str(tiny_dirs["llama"]), out, _config(tiny_corpus, lff_windows=10_000), show_progress=False,
+                log=lambda s: None)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("variant", ["skip", "mod", "static"])
+def test_baselines_convert(tiny_dirs, tiny_corpus, tmp_path, variant):
+    out = tmp_path / variant
+    summary = convert(str(tiny_dirs["qwen2"]), out, _config(tiny_corpus, variant=variant, sparsity=0.5),
+                      show_progress=False, log=lambda s: None)
+    ev = summary["evaluation"]
+    assert ev["perplexity"] > 1 and ev["flops_per_token"]["routed"] < ev["flops_per_token"]["dense"]
+    if variant == "static":
+        assert json.loads((out / "irc.json").read_text())["plan"]["layers"] in ([0], [1])
+        assert ev["sparsity"]["overall"] == pytest.approx(0.5)
+    else:
+        assert ev["sparsity"]["overall"] == pytest.approx(0.5, abs=0.1)
+
+
+def test_cli_convert_then_eval_with_the_dial(tiny_dirs, tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "routed"
+    args = ["convert", str(tiny_dirs["llama"]), "-o", str(out), "--sparsity", "0.4", "--dtype", "fp32",
+            "--data", str(tiny_corpus / "train.jsonl"), "--eval-data", str(tiny_corpus / "heldout.jsonl"),
+            "--eval-tokens", "1024", "--router-steps", "4", "--lff-rank", "8"]
+    # the quick preset's windows of 1024 are longer than the tiny model's 512 positions
+    assert main(args) == 2
+    assert "longer than the model's 512 positions" in capsys.readouterr().err
+    assert not out.exists()
+    config = _config(tiny_corpus, sparsity=0.4)
+    convert(str(tiny_dirs["llama"]), out, config, show_progress=False, log=lambda s: None)
+    assert main(["eval", str(out), "--data", str(tiny_corpus / "heldout.jsonl"), "--seq-len", "64",
+                 "--max-tokens", "640", "--dtype", "fp32", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["routed"] and first["sparsity"]["overall"] == pytest.approx(0.4, abs=0.1)
+    assert main(["eval", str(out), "--data", str(tiny_corpus / "heldout.jsonl"), "--seq-len", "64",
+                 "--max-tokens", "640", "--dtype", "fp32", "--sparsity", "0.7",
+                 "--calib-data", str(tiny_corpus / "train.jsonl"), "--json"]) == 0
+    moved = json.loads(capsys.readouterr().out)
+    assert moved["sparsity"]["overall"] == pytest.approx(0.7, abs=0.1)
+    assert moved["flops_per_token"]["routed"] < first["flops_per_token"]["routed"]
