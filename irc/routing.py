@@ -29,6 +29,7 @@ from irc import __version__
 from irc.cache import atomic_dir
 from irc.capture import capture
 from irc.errors import UserError
+from irc.inspect.summary import op_counts as op_counts_of
 from irc.models import LoadedModel, load_model
 from irc.passes.drop_noop_conversions import drop_noop_conversions
 from irc.passes.pipeline import run_passes
@@ -162,7 +163,7 @@ def route(base: LoadedModel, plan: RoutingPlan | None = None, *, dump_dir: str |
     plan = plan or RoutingPlan()
     captured = capture(base.model)
     gm = captured.gm
-    op_counts = op_histogram(gm)
+    op_counts = op_counts_of(gm)
     passes = [
         # fp32 graphs route residual uses through no-op `to` nodes; restore the source's data flow
         ("drop_noop_conversions", drop_noop_conversions),
@@ -172,15 +173,6 @@ def route(base: LoadedModel, plan: RoutingPlan | None = None, *, dump_dir: str |
     report = run_passes(gm, passes, dump_dir)
     return RoutedModel(gm=gm, plan=plan, base=base, passes=report, capture_nodes=captured.nodes,
                        capture_op_counts=op_counts)
-
-
-def op_histogram(gm: GraphModule) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_function":
-            key = getattr(n.target, "__name__", str(n.target))
-            counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def is_routed_dir(path: str | Path) -> bool:

@@ -25,16 +25,15 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from torch.fx import GraphModule
 
 from irc.nn.router import Router
+from irc.nn.routing_state import RoutingState
 from irc.nn.tokens import HIDDEN, ArgRole, gather_rows, restrict_keys, row_layout, sink_mask
 from irc.ops import token_gather, token_scatter
-from irc.plan import MODES
 
 
-class RoutedLayer(nn.Module):
+class RoutedLayer(RoutingState):
     kind = "layer"
 
     def __init__(self, *, layer: int, block: GraphModule, roles: list[ArgRole], router: Router, n_sink: int,
@@ -47,27 +46,6 @@ class RoutedLayer(nn.Module):
         self.router = router
         self.n_sink = n_sink
         self.forecaster = None
-        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
-        self.mode = "dense"
-        self.sparse = True
-        self.tau = 1.0
-        self.capacity = 1.0
-        self.forced_mask: torch.Tensor | None = None
-        self.record = True
-        self.executed = 0
-        self.tokens = 0
-
-    def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self.mode = mode
-
-    def reset_stats(self) -> None:
-        self.executed = self.tokens = 0
-
-    @property
-    def execute_fraction(self) -> float | None:
-        return self.executed / self.tokens if self.tokens else None
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *extras) -> torch.Tensor:
         if self.mode == "dense":
@@ -79,9 +57,7 @@ class RoutedLayer(nn.Module):
         pad = attention_mask.bool()  # [B, T]
         r = self.router(x)[..., 0].float()  # [B, T]
         select = self._decide(r, pad, sink_mask(pad, self.n_sink))
-        if self.record:
-            self.executed += int(select.sum())
-            self.tokens += int(pad.sum())
+        self._count(select, pad)
         w = torch.sigmoid(r).to(x.dtype).unsqueeze(-1)  # [B, T, 1]
         if self.mode == "train" or not self.sparse:
             y = self.block(*self._args(x, extras, keep=select | ~pad))

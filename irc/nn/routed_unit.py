@@ -32,17 +32,16 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.fx import GraphModule
 
 from irc.nn.forecaster import Forecaster
 from irc.nn.router import Router
+from irc.nn.routing_state import RoutingState
 from irc.nn.tokens import HIDDEN, ArgRole, gather_rows, restrict_keys, row_layout, sink_mask
 from irc.ops import token_gather, token_scatter
-from irc.plan import MODES
 
 
-class RoutedUnit(nn.Module):
+class RoutedUnit(RoutingState):
     def __init__(
         self,
         *,
@@ -75,33 +74,11 @@ class RoutedUnit(nn.Module):
             self.query = query
         self.kv_roles = kv_roles
         self.query_roles = query_roles
-        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
-        self.mode = "dense"
-        self.sparse = True
-        self.tau = 1.0
-        self.capacity = 1.0
-        self.forced_mask: torch.Tensor | None = None
-        self.record = True
-        self.executed = 0
-        self.tokens = 0
         # training hooks: called in dense mode with (unit, x, a, U(a), attention_mask)
         self.observer = None
         # set by train mode for the loss: soft-differentiable gates and the cos regulariser
         self.last_gate: torch.Tensor | None = None
         self.last_cosreg: torch.Tensor | None = None
-
-    # --- configuration ------------------------------------------------------
-    def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self.mode = mode
-
-    def reset_stats(self) -> None:
-        self.executed = self.tokens = 0
-
-    @property
-    def execute_fraction(self) -> float | None:
-        return self.executed / self.tokens if self.tokens else None
 
     # --- forward ------------------------------------------------------------
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *extras) -> torch.Tensor:
@@ -117,7 +94,7 @@ class RoutedUnit(nn.Module):
         if self.mode == "train":
             return self._train(x, a, extras, logits, pad, sinks)
         execute = self._decide(logits, pad, sinks)  # [B, T] bool
-        self._record(execute, pad)
+        self._count(execute, pad)
         if not self.sparse:
             approx = self._approximate(a, pad & ~execute)  # [B, T, D]
             u = self.body(*self._args(self.body_roles, a, extras, keep=self._keep(execute, pad)))
@@ -134,7 +111,7 @@ class RoutedUnit(nn.Module):
         g = F.gumbel_softmax(logits.float(), tau=self.tau, hard=True)[..., 0]  # [B, T], straight-through
         g = torch.where(sinks, torch.ones_like(g), g)
         execute = (g > 0.5) & pad
-        self._record(execute, pad)
+        self._count(execute, pad)
         u = self.body(*self._args(self.body_roles, a, extras, keep=self._keep(execute, pad)))
         f = self._approximate(a, pad)
         real = pad.to(g.dtype)
@@ -171,11 +148,6 @@ class RoutedUnit(nn.Module):
         if self.forecaster is None:  # skip: the identity, i.e. no contribution
             return torch.zeros_like(a)
         return self.forecaster(a) * where.unsqueeze(-1).to(a.dtype)
-
-    def _record(self, execute, pad) -> None:
-        if self.record:
-            self.executed += int(execute.sum())
-            self.tokens += int(pad.sum())
 
     # --- sparse execution ---------------------------------------------------
     def _assemble(self, a, rows, u, approximated):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from irc.nn.tokens import sink_mask
 from irc.progress import progress
+from irc.train.observe import observing
 from irc.train.windows import batches
 
 FIT_METHODS = ("closed-form", "smoothl1")
@@ -82,18 +83,12 @@ def fit_closed_form(routed, windows: torch.Tensor, config: LFFFitConfig = LFFFit
         xs, ys = _selected(unit, a, u, attention_mask)
         moments[names[id(unit)]].add(xs, ys)
 
-    routed.set_routing("dense")
-    for u in units.values():
-        u.observer = observe
-    try:
+    with observing(routed, units.values(), observe):
         bar = progress(total=len(windows), desc="LFF fit: statistics", unit="win", enabled=show_progress)
         for batch in batches(windows, config.batch_size):
             routed(batch)
             bar.update(len(batch))
         bar.close()
-    finally:
-        for u in units.values():
-            u.observer = None
     stats = {}
     for name, unit in units.items():
         stats[name] = _solve(unit.forecaster, moments[name], config.ridge)
@@ -146,30 +141,27 @@ def fit_smoothl1(routed, windows: torch.Tensor, config: LFFFitConfig = LFFFitCon
     def observe(unit, x, a, u, attention_mask):
         pairs.append((unit, *_selected(unit, a, u, attention_mask)))
 
-    routed.set_routing("dense")
-    for u in units.values():
-        u.observer = observe
     total = steps if steps is not None else config.steps
     bar = progress(total=total, desc="LFF fit: SmoothL1", unit="step", enabled=show_progress)
     last: dict[str, float] = {}
     try:
-        for step in range(total):
-            start = (step * config.batch_size) % len(windows)
-            batch = windows[start : start + config.batch_size]
-            pairs.clear()
-            with torch.no_grad():
-                routed(batch)  # teacher forcing: the dense model's (a, U(a)) of every unit
-            loss = torch.stack([F.smooth_l1_loss(unit.forecaster(xs), ys) for unit, xs, ys in pairs]).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            last["loss"] = float(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
+        with observing(routed, units.values(), observe):
+            for step in range(total):
+                start = (step * config.batch_size) % len(windows)
+                batch = windows[start : start + config.batch_size]
+                pairs.clear()
+                with torch.no_grad():
+                    routed(batch)  # teacher forcing: the dense model's (a, U(a)) of every unit
+                loss = torch.stack([F.smooth_l1_loss(unit.forecaster(xs), ys) for unit, xs, ys in pairs]).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                last["loss"] = float(loss.detach())
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
     finally:
         bar.close()
         for u in units.values():
-            u.observer = None
             u.forecaster.to(next(u.body.parameters()).dtype)
     return last
 
@@ -187,13 +179,7 @@ def forecaster_errors(routed, windows: torch.Tensor, batch_size: int = 1) -> dic
         acc[0] += float(((f - ys) ** 2).sum())
         acc[1] += float((ys**2).sum())
 
-    routed.set_routing("dense")
-    for u in routed.units.values():
-        u.observer = observe
-    try:
+    with observing(routed, routed.units.values(), observe):
         for batch in batches(windows, batch_size):
             routed(batch)
-    finally:
-        for u in routed.units.values():
-            u.observer = None
     return {n: (e / max(t, 1e-30)) ** 0.5 for n, (e, t) in sums.items()}

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from irc.nn.tokens import sink_mask
 from irc.progress import progress
+from irc.train.observe import observing
 from irc.train.windows import batches
 
 
@@ -40,38 +41,35 @@ def init_routers(routed, windows: torch.Tensor, sparsity: float, *, lr: float = 
             err = (unit.forecaster(a).float() - u.float()).norm(dim=-1) / x.float().norm(dim=-1).clamp(min=1e-6)
             observed.append((unit, a[keep].detach(), err[keep]))
 
-    routed.set_routing("dense")
-    for u in units.values():
-        u.observer = observe
     total = epochs * ((len(windows) + batch_size - 1) // batch_size)
     bar = progress(total=total, desc="router init", unit="batch", enabled=show_progress)
     last = 0.0
     try:
-        for _ in range(epochs):
-            for batch in batches(windows, batch_size):
-                observed.clear()
-                with torch.no_grad():
-                    routed(batch)
-                losses = []
-                for unit, a, err in observed:
-                    k = int(sparsity * len(err))
-                    target = torch.ones_like(err)  # 1 = execute
-                    if k:
-                        target[torch.topk(err, k, largest=False).indices] = 0.0
-                    logits = unit.router(a)
-                    margin = (logits[:, 0] - logits[:, 1]).float()
-                    losses.append(F.binary_cross_entropy_with_logits(margin, target))
-                loss = torch.stack(losses).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                last = float(loss.detach())
-                bar.update(1)
-                bar.set_postfix(bce=f"{last:.3f}")
+        with observing(routed, units.values(), observe):
+            for _ in range(epochs):
+                for batch in batches(windows, batch_size):
+                    observed.clear()
+                    with torch.no_grad():
+                        routed(batch)
+                    losses = []
+                    for unit, a, err in observed:
+                        k = int(sparsity * len(err))
+                        target = torch.ones_like(err)  # 1 = execute
+                        if k:
+                            target[torch.topk(err, k, largest=False).indices] = 0.0
+                        logits = unit.router(a)
+                        margin = (logits[:, 0] - logits[:, 1]).float()
+                        losses.append(F.binary_cross_entropy_with_logits(margin, target))
+                    loss = torch.stack(losses).mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    last = float(loss.detach())
+                    bar.update(1)
+                    bar.set_postfix(bce=f"{last:.3f}")
     finally:
         bar.close()
         for u in units.values():
-            u.observer = None
             for p in u.router.parameters():
                 p.requires_grad_(False)
             u.router.to(base_dtype)
