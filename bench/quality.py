@@ -86,10 +86,15 @@ def write(out: Path, result: dict) -> None:
         "of steps; `static` drops round(s·30) whole layers (0.25 → 8 layers, 0.267 achieved).",
         "- Targets of issue #4 not met here: informed at 0.25 is not within 1.25× of dense. The quick "
         "preset trains the routers for 60 steps of 1,024 tokens; see the issue notes for what limits it.",
+        *[f"- {_label(r)}: {r['note']}." for r in rows if r.get("note")],
         "- `md` and `json` are rewritten after every row; `python bench/quality.py --resume` finishes a "
         "partial run. `write()` can re-render the Markdown from the JSON without re-running rows.",
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _label(r: dict) -> str:
+    return f"{r['variant']} {r['sparsity']:.2f}" + (f" ({r['ablation']})" if r.get("ablation") else "")
 
 
 def _line(r: dict, dense: float | None, ablation: bool = False) -> str:
