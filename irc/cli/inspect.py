@@ -77,11 +77,15 @@ def run(args: argparse.Namespace) -> int:
          f"top-level nodes with {len(routed.units)} routed units")
     info("")
     e = 1 - args.sparsity
+    achieved = routed.records.get("evaluation", {}).get("sparsity", {}).get("by_unit", {})
+    extra = f" {'achieved s':>10}" if achieved else ""
     info(f"{'layer':>5}  {'unit':<5} {'routed':<6} {'router':>9} {'LFF':>9} "
-         f"{'MFLOP/tok dense':>16} {f'routed @ e={e:.2f}':>16}")
+         f"{'MFLOP/tok dense':>16} {f'routed @ e={e:.2f}':>16}{extra}")
     for r in rows:
+        got = achieved.get(r.name)
+        cell = (f" {got:>10.2f}" if got is not None else f" {'–':>10}") if achieved else ""
         info(f"{r.layer:>5}  {r.kind:<5} {'yes' if r.routed else 'no':<6} {fmt_int(r.router_params):>9} "
-             f"{fmt_int(r.lff_params):>9} {r.dense_flops / 1e6:>16.2f} {r.routed_flops / 1e6:>16.2f}")
+             f"{fmt_int(r.lff_params):>9} {r.dense_flops / 1e6:>16.2f} {r.routed_flops / 1e6:>16.2f}{cell}")
     info(f"{'LM head':<33} {routed.arch.head_flops() / 1e6:>16.2f} {routed.arch.head_flops() / 1e6:>16.2f}")
     info(f"{'total (T=' + str(args.seq_len) + ')':<33} {dense / 1e6:>16.2f} {after / 1e6:>16.2f}  "
          f"({dense / after:.2f}× fewer)")
