@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "eval",
     "data": "data",
     "inspect": "inspect",
+    "export": "export",
 }
 
 

@@ -29,7 +29,15 @@ from torch.fx import GraphModule
 
 from irc.nn.router import Router
 from irc.nn.routing_state import RoutingState
-from irc.nn.tokens import HIDDEN, ArgRole, gather_rows, restrict_keys, row_layout, sink_mask
+from irc.nn.tokens import (
+    HIDDEN,
+    ArgRole,
+    gather_rows,
+    restrict_keys,
+    row_layout,
+    sink_mask,
+    top_k_positions,
+)
 from irc.ops import token_gather, token_scatter
 
 
@@ -69,7 +77,7 @@ class RoutedLayer(RoutingState):
             T = r.shape[1]
             k = min(T, math.ceil(self.capacity * T))
             score = r.masked_fill(~pad, -math.inf).masked_fill(sinks, math.inf)
-            select = torch.zeros_like(pad).scatter(1, score.topk(k, dim=1).indices, True)
+            select = torch.zeros_like(pad).scatter(1, top_k_positions(score, k), True)
         elif self.mode == "threshold":
             select = r >= self.threshold
         else:

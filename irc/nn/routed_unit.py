@@ -37,7 +37,15 @@ from torch.fx import GraphModule
 from irc.nn.forecaster import Forecaster
 from irc.nn.router import Router
 from irc.nn.routing_state import RoutingState
-from irc.nn.tokens import HIDDEN, ArgRole, gather_rows, restrict_keys, row_layout, sink_mask
+from irc.nn.tokens import (
+    HIDDEN,
+    ArgRole,
+    gather_rows,
+    restrict_keys,
+    row_layout,
+    sink_mask,
+    top_k_positions,
+)
 from irc.ops import token_gather, token_scatter
 
 
@@ -93,6 +101,8 @@ class RoutedUnit(RoutingState):
         logits = self.router(a)  # [B, T, 2]
         if self.mode == "train":
             return self._train(x, a, extras, logits, pad, sinks)
+        if self.mode == "capacity" and self.static_shapes:
+            return self._static_capacity(a, extras, logits, pad, sinks)
         execute = self._decide(logits, pad, sinks)  # [B, T] bool
         self._count(execute, pad)
         if not self.sparse:
@@ -106,6 +116,33 @@ class RoutedUnit(RoutingState):
         else:
             rows, u = self._sparse_attention(a, extras, execute, pad)
         return self._assemble(a, rows, u, pad & ~execute)
+
+    def _static_capacity(self, a, extras, logits, pad, sinks):
+        """Capacity routing with shapes that depend on T only (for export and engines).
+
+        Every row runs exactly k = ceil(c·T) slots, its top-k tokens by margin in
+        position order; slots that landed on padding (rows with fewer than k real
+        tokens) run too and are discarded. Equal to the data-dependent path.
+        """
+        B, T, D = a.shape
+        k = math.ceil(self.capacity * T)
+        margin = (logits[..., 0] - logits[..., 1]).float() - self.threshold  # [B, T]
+        score = margin.masked_fill(~pad, -math.inf).masked_fill(sinks, math.inf)
+        pos = top_k_positions(score, k).sort(dim=1).values  # [B, k] positions, ascending
+        valid = pad.gather(1, pos)  # [B, k]
+        execute = torch.zeros_like(pad).scatter(1, pos, True) & pad  # [B, T]
+        approx = self._approximate(a, pad & ~execute)  # [B, T, D], dense (static shapes)
+        rows = (torch.arange(B, device=a.device).unsqueeze(1) * T + pos).reshape(-1)  # [B·k]
+        a_sel = token_gather(a.reshape(B * T, D), rows)  # [B·k, D]
+        if self.kind == "mlp":
+            u = self.body(*self._args(self.body_roles, a_sel.unsqueeze(0), extras, flat=B * k))
+        else:
+            k_, v_ = self.kv(*self._args(self.kv_roles, a, extras))
+            args = self._args(self.query_roles, a_sel.view(B, k, D), extras, pos=pos,
+                              named={"k": k_, "v": v_}, keep=self._keep(execute, pad))
+            u = self.query(*args)
+        u = u.reshape(B * k, D) * valid.reshape(-1, 1).to(u.dtype)  # padding contributes nothing
+        return token_scatter(approx.reshape(B * T, D), u, rows).view(B, T, D)
 
     def _train(self, x, a, extras, logits, pad, sinks):
         g = F.gumbel_softmax(logits.float(), tau=self.tau, hard=True)[..., 0]  # [B, T], straight-through
@@ -131,7 +168,7 @@ class RoutedUnit(RoutingState):
             T = margin.shape[1]
             k = min(T, math.ceil(self.capacity * T))
             score = margin.masked_fill(~pad, -math.inf).masked_fill(sinks, math.inf)
-            top = score.topk(k, dim=1).indices  # [B, k]
+            top = top_k_positions(score, k)  # [B, k]
             execute = torch.zeros_like(pad).scatter(1, top, True)
         else:  # mask
             if self.forced_mask is None or self.forced_mask.shape != pad.shape:

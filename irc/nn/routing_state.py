@@ -24,6 +24,8 @@ class RoutingState(nn.Module):
         self.capacity = 1.0
         self.forced_mask: torch.Tensor | None = None
         self.record = True
+        # export: capacity routing through static shapes only (no data-dependent sizes or branches)
+        self.static_shapes = False
         self.executed = 0
         self.tokens = 0
 

@@ -87,3 +87,14 @@ def row_layout(execute: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pos = order[:, :kmax]  # [B, Kmax]
     valid = torch.arange(kmax, device=execute.device).unsqueeze(0) < counts.unsqueeze(1)
     return pos, valid
+
+
+def top_k_positions(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the positions of the k highest scores; ties go to the earlier position.
+
+    A stable sort rather than ``topk``: ``topk`` breaks ties in no specified order,
+    and routers produce exact ties (a token whose hidden ReLU units are all zero
+    gets the output bias as its margin). ONNX's TopK, what this lowers to, also
+    puts the lower index first, so PyTorch and ONNX Runtime select the same tokens.
+    """
+    return torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]

@@ -160,3 +160,10 @@ def token_gather(x: Tensor, index: Tensor) -> Tensor:
     Differentiable in ``x`` (for unique indices). Calls ``torch.ops.irc.token_gather``.
     """
     return torch.ops.irc.token_gather(x, index)
+
+
+def token_gather_onnx_portable(x, index):
+    """ONNX lowering with standard ops only (``portable`` profile): ``Gather(x, index, axis=0)``."""
+    from onnxscript import opset18 as op
+
+    return op.Gather(x, index, axis=0)

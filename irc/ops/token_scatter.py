@@ -176,3 +176,10 @@ def token_scatter(base: Tensor, src: Tensor, index: Tensor) -> Tensor:
     Differentiable in ``base`` and ``src``. Calls ``torch.ops.irc.token_scatter``.
     """
     return torch.ops.irc.token_scatter(base, src, index)
+
+
+def token_scatter_onnx_portable(base, src, index):
+    """ONNX lowering with standard ops only (``portable`` profile): ``ScatterND`` of rows."""
+    from onnxscript import opset18 as op
+
+    return op.ScatterND(base, op.Unsqueeze(index, op.Constant(value_ints=[1])), src)

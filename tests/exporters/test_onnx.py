@@ -1,0 +1,91 @@
+"""ONNX export (capacity routing, portable profile) on tiny models, verified with ONNX Runtime."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from routed_helpers import batch, tiny_routed
+
+from irc.errors import UserError
+from irc.exporters.onnx import OnnxExportConfig, export_onnx, sample_inputs
+from irc.plan import RoutingPlan
+
+from tiny import FAMILIES
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_capacity_path_equals_the_data_dependent_one(family):
+    _, routed = tiny_routed(family)
+    for T in (1, 7, 64):
+        ids, mask = batch(T)
+        with torch.no_grad():
+            routed.set_routing("capacity", capacity=0.6)
+            want = routed(ids, mask)
+            for u in routed.units.values():
+                u.static_shapes = True
+            got = routed(ids, mask)
+            for u in routed.units.values():
+                u.static_shapes = False
+        assert (got - want)[mask.bool()].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_export_verify_and_run(family, tmp_path):
+    import onnxruntime as ort
+
+    _, routed = tiny_routed(family)
+    out = tmp_path / "model.onnx"
+    manifest = export_onnx(routed, out, OnnxExportConfig(capacity=0.5), log=lambda s: None)
+    assert manifest["verification"]["passed"] and manifest["verification"]["max_abs_diff"] < 1e-4
+    assert json.loads((tmp_path / "model.onnx.json").read_text())["capacity"] == 0.5
+    assert manifest["inputs"] == ["input_ids", "attention_mask"]
+    ops = {n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node}
+    assert {"Gather", "ScatterND", "TopK"} <= ops
+    # dynamic axes: a batch and a length the export never saw
+    session = ort.InferenceSession(str(out))
+    ids = torch.randint(0, 300, (3, 33))
+    mask = torch.ones_like(ids)
+    mask[2, :4] = 0
+    routed.set_routing("capacity", capacity=0.5)
+    with torch.no_grad():
+        want = routed(ids, mask).numpy()
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    assert np.abs(got - want)[mask.bool().numpy()].max() < 1e-4
+
+
+def test_a_broken_lowering_fails_and_leaves_no_file(tmp_path, monkeypatch):
+    import irc.exporters.onnx as exporter
+
+    def wrong_scatter(base, src, index):  # drops the routed rows: outputs differ
+        return base
+
+    def broken(profile):
+        table = dict(original(profile))
+        table[torch.ops.irc.token_scatter.default] = wrong_scatter
+        return table
+
+    original = exporter._translations
+    monkeypatch.setattr(exporter, "_translations", broken)
+    _, routed = tiny_routed("llama")
+    out = tmp_path / "model.onnx"
+    with pytest.raises(UserError, match="ONNX Runtime does not match PyTorch"):
+        export_onnx(routed, out, OnnxExportConfig(capacity=0.5), log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_yet_supported_is_said_plainly(tmp_path):
+    _, routed = tiny_routed("llama")
+    with pytest.raises(UserError, match="threshold is not implemented yet"):
+        export_onnx(routed, tmp_path / "m.onnx", OnnxExportConfig(routing="threshold"))
+    with pytest.raises(UserError, match="trt is not implemented yet"):
+        export_onnx(routed, tmp_path / "m.onnx", OnnxExportConfig(profile="trt"))
+    _, mod = tiny_routed("llama", RoutingPlan(variant="mod", n_sink=1))
+    with pytest.raises(UserError, match="Mixture-of-Depths"):
+        export_onnx(mod, tmp_path / "m.onnx")
+
+
+def test_sample_inputs_cover_odd_and_padded():
+    shapes = [(tuple(i.shape), bool((m == 0).any())) for i, m in sample_inputs(100)]
+    assert ((1, 7), False) in shapes and ((2, 16), True) in shapes
