@@ -30,12 +30,11 @@ from torch.fx import GraphModule
 from irc.nn.router import Router
 from irc.nn.routing_state import RoutingState
 from irc.nn.tokens import (
-    HIDDEN,
     ArgRole,
     gather_rows,
-    restrict_keys,
     row_layout,
     sink_mask,
+    subset_args,
     top_k_positions,
 )
 from irc.ops import token_gather, token_scatter
@@ -102,25 +101,7 @@ class RoutedLayer(RoutingState):
         return token_scatter(x.reshape(B * T, D), y, rows.reshape(-1)[slots]).view(B, T, D)
 
     def _args(self, hidden, extras, *, pos=None, valid=None, keep=None):
-        args = []
-        for role in self.roles:
-            if role.source == HIDDEN:
-                args.append(hidden)
-                continue
-            value = extras[role.source]
-            if role.kind == "seq" and pos is not None:
-                value = pos.shape[1]
-            elif role.kind == "query_mask":
-                if pos is not None:  # the selected tokens attend to each other only
-                    value = gather_rows(gather_rows(value, value.dim() - 2, pos), value.dim() - 1, pos)
-                    value = restrict_keys(value, valid)
-                if keep is not None:
-                    value = restrict_keys(value, keep)
-            elif role.kind == "tokens" and pos is not None:
-                for axis in role.axes:
-                    value = gather_rows(value, axis, pos)
-            args.append(value)
-        return args
+        return subset_args(self.roles, hidden, extras, pos=pos, valid=valid, keep=keep, keys_selected=True)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, mode={self.mode}, n_sink={self.n_sink}, static={self.static}"

@@ -38,12 +38,10 @@ from irc.nn.forecaster import Forecaster
 from irc.nn.router import Router
 from irc.nn.routing_state import RoutingState
 from irc.nn.tokens import (
-    HIDDEN,
     ArgRole,
-    gather_rows,
-    restrict_keys,
     row_layout,
     sink_mask,
+    subset_args,
     top_k_positions,
 )
 from irc.ops import token_gather, token_scatter
@@ -223,28 +221,8 @@ class RoutedUnit(RoutingState):
         slots = valid.reshape(-1).nonzero().squeeze(1)  # [K]
         return rows.reshape(-1)[slots], token_gather(o.reshape(B * kmax, D), slots)
 
-    def _args(self, roles, hidden, extras, *, pos=None, flat=None, named=None, keep=None):
-        """Arguments of an outlined module; with ``pos`` (rows) or ``flat`` (count) on a token subset."""
-        args = []
-        for role in roles:
-            if role.source == HIDDEN:
-                args.append(hidden)
-                continue
-            value = named[role.source] if isinstance(role.source, str) else extras[role.source]
-            if role.kind == "seq":
-                value = flat if flat is not None else pos.shape[1] if pos is not None else value
-            elif role.kind == "batch" and flat is not None:
-                value = 1
-            elif role.kind == "query_mask":
-                if pos is not None:
-                    value = gather_rows(value, role.axes[0], pos)
-                if keep is not None:
-                    value = restrict_keys(value, keep)
-            elif role.kind == "tokens" and pos is not None:
-                for axis in role.axes:
-                    value = gather_rows(value, axis, pos)
-            args.append(value)
-        return args
+    def _args(self, roles, hidden, extras, **subset):
+        return subset_args(roles, hidden, extras, **subset)
 
     def extra_repr(self) -> str:
         lff = "none (skip)" if self.forecaster is None else f"rank {self.forecaster.w1.out_features}"

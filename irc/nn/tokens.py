@@ -98,3 +98,38 @@ def top_k_positions(score: torch.Tensor, k: int) -> torch.Tensor:
     puts the lower index first, so PyTorch and ONNX Runtime select the same tokens.
     """
     return torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def subset_args(roles, hidden, extras, *, pos=None, flat=None, named=None, keep=None, valid=None,
+                keys_selected: bool = False) -> list:
+    """Arguments of an outlined module, restricted to a token subset by each input's role.
+
+    ``pos [B, K]`` selects K positions per row (row layout); ``flat`` is the
+    length of a flattened selection (batch 1, for MLPs). ``hidden`` is the
+    already-gathered hidden state. The attention mask keeps all T keys unless
+    ``keys_selected`` (Mixture-of-Depths: selected tokens attend to each other
+    only, invalid slots masked by ``valid``); ``keep [B, T]`` removes keys
+    (``kv_policy="drop"``).
+    """
+    args = []
+    for role in roles:
+        if role.source == HIDDEN:
+            args.append(hidden)
+            continue
+        value = named[role.source] if isinstance(role.source, str) else extras[role.source]
+        if role.kind == "seq":
+            value = flat if flat is not None else pos.shape[1] if pos is not None else value
+        elif role.kind == "batch" and flat is not None:
+            value = 1
+        elif role.kind == "query_mask":
+            if pos is not None:
+                value = gather_rows(value, role.axes[0], pos)
+                if keys_selected:
+                    value = restrict_keys(gather_rows(value, value.dim() - 1, pos), valid)
+            if keep is not None:
+                value = restrict_keys(value, keep)
+        elif role.kind == "tokens" and pos is not None:
+            for axis in role.axes:
+                value = gather_rows(value, axis, pos)
+        args.append(value)
+    return args
