@@ -31,6 +31,8 @@ class RoutingPlan:
     - ``n_sink``: the first n real tokens of each sequence always execute.
     - ``kv_policy``: ``keep`` (approximated tokens still serve as keys) or ``drop``.
     - ``capacity``: the execute fraction c of ``capacity`` mode (k = ceil(c·T)).
+    - ``lora_rank`` / ``lora_alpha`` / ``lora_targets``: LoRA on the units' projections
+      (rank 0: none).
     """
 
     variant: str = "informed"
@@ -42,8 +44,14 @@ class RoutingPlan:
     n_sink: int = 4
     kv_policy: str = "keep"
     capacity: float = 0.75
+    lora_rank: int = 0  # 0: no LoRA
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj", "gate_proj")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
         object.__setattr__(self, "kinds", tuple(self.kinds))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
@@ -81,6 +89,7 @@ class RoutingPlan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["kinds"] = list(self.kinds)
+        d["lora_targets"] = list(self.lora_targets)
         d["layers"] = None if self.layers is None else list(self.layers)
         return d
 

@@ -81,8 +81,8 @@ class RoutedModel:
         """Router, forecaster and threshold tensors of every unit (what ``routing.safetensors`` holds)."""
         state = {}
         for name, unit in self.units.items():
-            for part in ("router", "forecaster"):
-                module = getattr(unit, part)
+            for part in ("router", "forecaster", "lora"):
+                module = getattr(unit, part, None)
                 if module is not None:
                     for k, v in module.state_dict().items():
                         state[f"{name}.{part}.{k}"] = v
@@ -96,8 +96,8 @@ class RoutedModel:
             raise UserError(f"routing weights do not fit the routing plan: missing "
                             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
         for name, unit in self.units.items():
-            for part in ("router", "forecaster"):
-                module = getattr(unit, part)
+            for part in ("router", "forecaster", "lora"):
+                module = getattr(unit, part, None)
                 if module is not None:
                     prefix = f"{name}.{part}."
                     module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

@@ -34,6 +34,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kv-policy", default="keep", choices=["keep", "drop"])
     p.add_argument("--no-router-init", action="store_true", help="skip stage 2 (router init from LFF error)")
     p.add_argument("--router-steps", type=int, help="override the preset's router training steps")
+    p.add_argument("--lora-steps", type=int, default=0,
+                   help="after router training, train LoRA (rank 16, α 32, q/v/gate) for N steps, routers frozen")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-dense-eval", action="store_true", help="do not evaluate the dense model")
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         args.sparsity, args.preset, variant=args.variant, data=args.data, eval_data=args.eval_data,
         seed=args.seed, dtype=args.dtype, lff_rank=args.lff_rank, lff_activation=args.lff_form,
         lff_method=args.lff_fit, kv_policy=args.kv_policy, router_init=not args.no_router_init,
-        eval_tokens=args.eval_tokens, evaluate_dense=not args.no_dense_eval, **overrides,
+        eval_tokens=args.eval_tokens, evaluate_dense=not args.no_dense_eval, lora_steps=args.lora_steps,
+        **overrides,
     )
     start = time.perf_counter()
     log = (lambda line: print(line, file=sys.stderr)) if args.json else info

@@ -142,6 +142,11 @@ def _route_unit(gm, unit: Unit, plan: RoutingPlan, mask_input, batch_sym, seq_sy
         query=split.query.module if split else None,
         query_roles=query_roles,
     )
+    if plan.lora_rank > 0:
+        from irc.nn.lora import attach_lora
+
+        parts = {"body": module.body, **({"kv": module.kv, "query": module.query} if split else {})}
+        module.lora = attach_lora(module, parts, plan.lora_rank, plan.lora_alpha, plan.lora_targets)
     name = f"layer{unit.layer}_{unit.kind}"
     _replace(gm, name, module, unit.residual, mask_input, extras, unit.output, unit.add,
              unit.norm_nodes + unit.body_nodes)

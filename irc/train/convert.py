@@ -5,6 +5,7 @@ Stages (each checkpointed into a work directory beside OUT):
 1. ``lff``        — forecaster fit (informed only; closed form by default);
 2. ``init``       — router init from forecast error (informed, optional);
 3. ``routers``    — router training (informed, skip, mod), checkpointed every few steps;
+   ``lora``       — LoRA on q/v/gate projections, routers frozen (optional, ``lora_steps``);
 4. ``calibrate``  — thresholds for the target sparsity (informed, skip);
 then evaluation (dense and routed perplexity, achieved sparsity, FLOPs) and an
 atomic save of OUT. ``static`` (ShortGPT) only measures block influence.
@@ -67,6 +68,8 @@ class ConvertConfig:
     train_seq_len: int = 512
     calib_windows: int = 4
     checkpoint_every: int = 20
+    lora_steps: int = 0  # stage 4: LoRA (rank 16, α 32, q/v/gate projections); 0 skips it
+    lora_rank: int = 16
     eval_seq_len: int = 1024
     eval_tokens: int = 20480
     evaluate_dense: bool = True
@@ -89,7 +92,8 @@ class ConvertConfig:
         return RoutingPlan(variant=self.variant if self.variant != "static" else "informed",
                            lff_rank=self.lff_rank, lff_activation=self.lff_activation,
                            n_sink=self.n_sink, kv_policy=self.kv_policy,
-                           capacity=max(1.0 - self.sparsity, 1e-3))
+                           capacity=max(1.0 - self.sparsity, 1e-3),
+                           lora_rank=self.lora_rank if self.lora_steps > 0 and self.variant != "static" else 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -260,6 +264,22 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
         records["training"]["routers"] = {"steps": state.step, "last": state.history[-1] if state.history else None}
         times["routers"] = time.perf_counter() - t
         on_stage("routers", {})
+
+    if config.lora_steps > 0 and plan.lora_rank > 0:
+        from irc.train.lora_train import LoRATrainConfig, train_lora
+
+        t = time.perf_counter()
+        if work.has("stage-lora.safetensors"):
+            work.load_routing("stage-lora.safetensors", routed)
+            log("stage lora: resumed from checkpoint")
+        else:
+            lora_windows = take(min((len(stream) - cursor) // config.train_seq_len,
+                                    config.lora_steps * config.batch_size), config.train_seq_len)
+            records["training"]["lora"] = train_lora(routed, lora_windows, LoRATrainConfig(
+                steps=config.lora_steps, batch_size=config.batch_size), show_progress=show_progress)
+            work.save_routing("stage-lora.safetensors", routed)
+        times["lora"] = time.perf_counter() - t
+        on_stage("lora", {})
 
     t = time.perf_counter()
     if work.has("stage-calibrated.safetensors"):

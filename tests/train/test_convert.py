@@ -111,3 +111,13 @@ def test_cli_convert_then_eval_with_the_dial(tiny_dirs, tiny_corpus, tmp_path, c
     moved = json.loads(capsys.readouterr().out)
     assert moved["sparsity"]["overall"] == pytest.approx(0.7, abs=0.1)
     assert moved["flops_per_token"]["routed"] < first["flops_per_token"]["routed"]
+
+
+def test_convert_with_lora(tiny_dirs, tiny_corpus, tmp_path):
+    out = tmp_path / "lora"
+    summary = convert(str(tiny_dirs["llama"]), out, _config(tiny_corpus, lora_steps=3, lora_rank=4),
+                      show_progress=False, log=lambda s: None)
+    assert summary["training"]["lora"]["steps"] == 3
+    manifest = json.loads((out / "irc.json").read_text())
+    assert manifest["plan"]["lora_rank"] == 4
+    assert any(".lora." in k for k in load_file(out / "routing.safetensors"))

@@ -1,0 +1,61 @@
+"""The LoRA stage: neutral when attached, lowers the loss when trained, saved and loaded."""
+
+import json
+
+import pytest
+import torch
+from routed_helpers import batch, tiny_routed
+
+import irc
+from irc.plan import RoutingPlan
+from irc.train.lora_train import LoRATrainConfig, train_lora
+
+from tiny import save_tiny
+
+
+def test_attached_lora_changes_nothing_and_shares_weights():
+    _, plain = tiny_routed("qwen3", RoutingPlan(lff_rank=16, n_sink=2))
+    _, lora = tiny_routed("qwen3", RoutingPlan(lff_rank=16, n_sink=2, lora_rank=4))
+    ids, mask = batch(16)
+    for r in (plain, lora):
+        r.set_routing("threshold")
+    with torch.no_grad():
+        assert torch.equal(plain(ids, mask), lora(ids, mask))
+    unit = lora.units["layer0_attn"]
+    # the body and the query path adapt q_proj with one shared delta
+    assert unit.body.q_proj.parametrizations.weight[0] is unit.query.q_proj.parametrizations.weight[0]
+    assert set(unit.lora) == {"q_proj", "v_proj"} and set(lora.units["layer0_mlp"].lora) == {"gate_proj"}
+
+
+def test_lora_training_lowers_the_loss():
+    torch.manual_seed(0)
+    _, routed = tiny_routed("llama", RoutingPlan(lff_rank=16, n_sink=2, lora_rank=8))
+    windows = torch.randint(3, 40, (8, 32))  # a small vocabulary: learnable
+    result = train_lora(routed, windows, LoRATrainConfig(steps=40, batch_size=4, lr=1e-2), show_progress=False)
+    assert result["last_ce"] < 0.9 * result["first_ce"]
+    assert routed.units["layer0_attn"].lora["q_proj"].B.abs().sum() > 0
+
+
+def test_lora_round_trips(tmp_path):
+    base = save_tiny("llama", tmp_path / "base")
+    routed = irc.route(irc.load_model(str(base), dtype="fp32"), RoutingPlan(lff_rank=8, n_sink=2, lora_rank=4))
+    with torch.no_grad():
+        for u in routed.units.values():
+            for d in u.lora.values():
+                d.B.normal_(0, 0.05)
+    ids, mask = batch(12)
+    routed.set_routing("dense")
+    with torch.no_grad():
+        want = routed(ids, mask)
+    out = routed.save(tmp_path / "r")
+    assert json.loads((out / "irc.json").read_text())["plan"]["lora_rank"] == 4
+    again = irc.load(out)
+    again.set_routing("dense")
+    with torch.no_grad():
+        assert torch.equal(again(ids, mask)[mask.bool()], want[mask.bool()])
+
+
+def test_no_lora_is_an_error():
+    _, routed = tiny_routed("llama")
+    with pytest.raises(ValueError, match="has no LoRA"):
+        train_lora(routed, torch.randint(3, 40, (2, 8)), LoRATrainConfig(steps=1))
