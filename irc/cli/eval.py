@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     if is_routed_dir(args.model):
         return _run_routed(args)
+    if args.model.endswith(".onnx"):
+        return _run_onnx(args)
     if args.sparsity is not None:
         raise UserError("--sparsity applies to routed model directories (made by irc convert)")
     start = time.perf_counter()
@@ -151,4 +153,34 @@ def _run_routed(args: argparse.Namespace) -> int:
     info(f"speed       {result['tokens_per_s']:,.0f} tokens/s")
     info(f"PASSED eval {time.perf_counter() - start:.1f}s ppl {result['perplexity']:.2f} "
          f"sparsity={sp['overall']:.3f} model={args.model}")
+    return 0
+
+
+def _run_onnx(args: argparse.Namespace) -> int:
+    from irc.cli.common import emit_json, fmt_int, info
+    from irc.data import load_corpus, token_stream
+    from irc.errors import UserError
+    from irc.eval import evaluate_perplexity
+    from irc.exporters.onnx_runtime import OnnxModel
+
+    if args.sparsity is not None:
+        raise UserError("--sparsity applies to routed model directories; an ONNX file's routing is fixed")
+    start = time.perf_counter()
+    model = OnnxModel(args.model)
+    corpus = load_corpus(args.data, default_split="heldout")
+    stream = token_stream(corpus, model.tokenizer(), args.bos)
+    result = evaluate_perplexity(model, stream, seq_len=args.seq_len, stride=args.stride,
+                                 max_tokens=args.max_tokens or None, batch_size=args.batch_size,
+                                 show_progress=not args.json)
+    m = model.manifest
+    if args.json:
+        emit_json({"model": args.model, "backend": "onnxruntime", "data": corpus.spec,
+                   "routing": m.get("routing"), "capacity": m.get("capacity"), **result.to_dict()})
+        return 0
+    info(f"model       {args.model} (ONNX Runtime; routing {m.get('routing')}, capacity {m.get('capacity')})")
+    info(f"data        {corpus.spec}: {fmt_int(result.tokens)} tokens scored in windows of {args.seq_len}")
+    info(f"perplexity  {result.perplexity:.3f}")
+    info(f"speed       {result.tokens_per_s:,.0f} tokens/s")
+    info(f"PASSED eval {time.perf_counter() - start:.1f}s ppl {result.perplexity:.2f} backend=onnxruntime "
+         f"model={args.model}")
     return 0

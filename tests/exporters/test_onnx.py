@@ -89,3 +89,35 @@ def test_not_yet_supported_is_said_plainly(tmp_path):
 def test_sample_inputs_cover_odd_and_padded():
     shapes = [(tuple(i.shape), bool((m == 0).any())) for i, m in sample_inputs(100)]
     assert ((1, 7), False) in shapes and ((2, 16), True) in shapes
+
+
+def test_perplexity_through_onnx_runtime_equals_pytorch(tiny_dirs, tmp_path, capsys):
+    import irc
+    from irc.cli import main
+    from irc.eval import evaluate_perplexity
+    from irc.exporters.onnx_runtime import OnnxModel
+
+    routed = irc.route(irc.load_model(str(tiny_dirs["llama"]), dtype="fp32"), RoutingPlan(lff_rank=8, n_sink=2))
+    out = tmp_path / "m.onnx"
+    export_onnx(routed, out, OnnxExportConfig(capacity=0.75), log=lambda s: None)
+    tokens = np.random.default_rng(0).integers(3, 300, size=400).astype(np.int32)
+    onnx_ppl = evaluate_perplexity(OnnxModel(out), tokens, seq_len=64, show_progress=False).perplexity
+    routed.set_routing("capacity", capacity=0.75)
+    torch_ppl = evaluate_perplexity(routed, tokens, seq_len=64, show_progress=False).perplexity
+    assert onnx_ppl == pytest.approx(torch_ppl, rel=1e-4)
+    text = tmp_path / "t.txt"
+    text.write_text("Paris is the capital of France. Ada and Alan wrote numbers. " * 30)
+    assert main(["eval", str(out), "--data", str(text), "--seq-len", "64", "--max-tokens", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["backend"] == "onnxruntime" and result["perplexity"] > 1
+
+
+def test_onnx_model_errors(tmp_path):
+    from irc.exporters.onnx_runtime import OnnxModel
+
+    with pytest.raises(UserError, match="no such ONNX file"):
+        OnnxModel(tmp_path / "missing.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(UserError, match="ONNX Runtime cannot load"):
+        OnnxModel(bad)
