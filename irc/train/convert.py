@@ -203,40 +203,43 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
         log(f"static: dropping layers {list(plan.layers)} (lowest block influence)")
     routed = route(base, plan)
 
+    def stage(name: str, run) -> None:
+        """Run ``run()`` unless the stage's checkpoint exists; then save it, time it, report it."""
+        t = time.perf_counter()
+        checkpoint = f"stage-{name}.safetensors"
+        if work.has(checkpoint):
+            work.load_routing(checkpoint, routed)
+            log(f"stage {name}: resumed from checkpoint")
+        else:
+            run()
+            work.save_routing(checkpoint, routed)
+        times[name] = time.perf_counter() - t
+        on_stage(name, {})
+
     if config.variant == "informed":
         lff_windows = take(config.lff_windows, config.lff_seq_len)
-        t = time.perf_counter()
-        if work.has("stage-lff.safetensors"):
-            work.load_routing("stage-lff.safetensors", routed)
-            log("stage lff: resumed from checkpoint")
-        else:
+
+        def fit() -> None:
             fit_cfg = LFFFitConfig(method=config.lff_method)
             if config.lff_method == "closed-form":
                 stats = fit_closed_form(routed, lff_windows, fit_cfg, show_progress=show_progress)
                 rel = sorted(s["relative_error"] for s in stats.values())
-                records["training"]["lff"] = {"method": "closed-form", "tokens_per_unit": next(iter(stats.values()))["tokens"],
+                records["training"]["lff"] = {"method": "closed-form",
+                                              "tokens_per_unit": next(iter(stats.values()))["tokens"],
                                               "relative_error_median": rel[len(rel) // 2],
                                               "relative_error_range": [rel[0], rel[-1]]}
                 if config.lff_activation == "silu":
-                    fit_smoothl1(routed, lff_windows, fit_cfg, init=False, steps=fit_cfg.steps, show_progress=show_progress)
+                    fit_smoothl1(routed, lff_windows, fit_cfg, init=False, steps=fit_cfg.steps,
+                                 show_progress=show_progress)
             else:
                 loss = fit_smoothl1(routed, lff_windows, fit_cfg, show_progress=show_progress)
                 records["training"]["lff"] = {"method": "smoothl1", **loss}
-            work.save_routing("stage-lff.safetensors", routed)
-        times["lff"] = time.perf_counter() - t
-        on_stage("lff", {})
+
+        stage("lff", fit)
         if config.router_init:
             init_windows = take(config.init_windows, config.lff_seq_len)
-            t = time.perf_counter()
-            if work.has("stage-init.safetensors"):
-                work.load_routing("stage-init.safetensors", routed)
-                log("stage init: resumed from checkpoint")
-            else:
-                records["training"]["router_init"] = init_routers(routed, init_windows, config.sparsity,
-                                                                  show_progress=show_progress)
-                work.save_routing("stage-init.safetensors", routed)
-            times["init"] = time.perf_counter() - t
-            on_stage("init", {})
+            stage("init", lambda: records["training"].__setitem__(
+                "router_init", init_routers(routed, init_windows, config.sparsity, show_progress=show_progress)))
 
     if config.variant in ("informed", "skip", "mod") and config.sparsity > 0:
         remaining = (len(stream) - cursor) // config.train_seq_len
@@ -268,18 +271,13 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
     if config.lora_steps > 0 and plan.lora_rank > 0:
         from irc.train.lora_train import LoRATrainConfig, train_lora
 
-        t = time.perf_counter()
-        if work.has("stage-lora.safetensors"):
-            work.load_routing("stage-lora.safetensors", routed)
-            log("stage lora: resumed from checkpoint")
-        else:
+        def lora() -> None:
             lora_windows = take(min((len(stream) - cursor) // config.train_seq_len,
                                     config.lora_steps * config.batch_size), config.train_seq_len)
             records["training"]["lora"] = train_lora(routed, lora_windows, LoRATrainConfig(
                 steps=config.lora_steps, batch_size=config.batch_size), show_progress=show_progress)
-            work.save_routing("stage-lora.safetensors", routed)
-        times["lora"] = time.perf_counter() - t
-        on_stage("lora", {})
+
+        stage("lora", lora)
 
     t = time.perf_counter()
     if work.has("stage-calibrated.safetensors"):
