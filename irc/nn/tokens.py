@@ -41,7 +41,7 @@ def role_of(node: Node, source: int | str, batch_sym: str, seq_sym: str, mask: b
         return ArgRole(source, kind)
     if isinstance(val, torch.Tensor):
         axes = tuple(i for i, d in enumerate(val.shape) if str(d) == seq_sym)
-        if mask and len(axes) >= 2:
+        if mask and axes:  # [B, 1, T, T]; decode graphs: [B, 1, T, P+T]
             return ArgRole(source, "query_mask", (val.dim() - 2,))
         if axes:
             return ArgRole(source, "tokens", axes)

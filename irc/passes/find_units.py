@@ -17,7 +17,7 @@ Llama, Mistral, Qwen2, Qwen3 and SmolLM2 all take the same path.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx import GraphModule, Node
@@ -46,6 +46,9 @@ class Unit:
     hidden: Node  # a = norm(x): the body's own input
     output: Node  # U(a)
     add: Node  # x + U(a)
+    # decode captures (irc.generation.capture): body nodes the graph returns, the
+    # attention's concatenated keys and values (the present KV cache), in graph order
+    cache_outputs: list[Node] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -129,13 +132,19 @@ def _unit_at(add: Node, layer_path: str, index: int, nodes, paths) -> Unit:
         names = ", ".join(sorted(a.name for a in norm_inputs))
         raise UserError(f"{where}: the norm {norm_path} should read only the residual stream "
                         f"{residual.name}, it reads: {names}")
+    cache_outputs = [n for n in body if n is not output and any(u.op == "output" for u in n.users)]
     for region, out in ((body, output), (norm, hidden)):
         region_set = set(region)
-        leaks = [n for n in region if n is not out and any(u not in region_set for u in n.users)]
+        leaks = [n for n in region if n is not out and n not in cache_outputs
+                 and any(u not in region_set for u in n.users)]
         if leaks:
             raise UserError(f"{where}: node {leaks[0].name} of {paths[leaks[0]]} is used outside "
                             "its module; cannot outline the unit")
     if any(u is not add for u in output.users):
         raise UserError(f"{where}: the unit output {output.name} has uses besides the residual add")
     kind = "attn" if any(n.target in _ATTENTION_OPS for n in body) else "mlp"
-    return Unit(index, kind, layer_path, body_path, norm_path, norm, body, residual, hidden, output, add)
+    if cache_outputs and kind != "attn":
+        raise UserError(f"{where}: the MLP {body_path} returns {cache_outputs[0].name} to the graph output; "
+                        "only attention units may hold a cache")
+    return Unit(index, kind, layer_path, body_path, norm_path, norm, body, residual, hidden, output, add,
+                cache_outputs)

@@ -22,11 +22,13 @@ exactly what the captured one did until routing is switched on.
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 from torch.fx import GraphModule, Node
 
 from irc.errors import UserError
+from irc.nn.cached_unit import CachedRoutedUnit
 from irc.nn.forecaster import Forecaster
 from irc.nn.routed_layer import RoutedLayer
 from irc.nn.routed_unit import RoutedUnit
@@ -76,10 +78,12 @@ def route_decoder_blocks(gm: GraphModule, plan: RoutingPlan) -> PassResult:
 
 def _inputs(gm: GraphModule) -> tuple[str, str, Node]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 2:
+    # a decode capture (irc.generation.capture) adds the past keys and values
+    cached = gm.meta.get("irc_capture", {}).get("cache_tensors", 0)
+    if len(placeholders) != 2 + cached:
         raise UserError("expected a captured graph with inputs (input_ids, attention_mask); "
                         "capture the model with irc.capture.capture")
-    ids, mask = placeholders
+    ids, mask = placeholders[:2]
     shape = ids.meta["val"].shape
     return str(shape[0]), str(shape[1]), mask
 
@@ -97,7 +101,8 @@ def _route_unit(gm, unit: Unit, plan: RoutingPlan, mask_input, batch_sym, seq_sy
     norm = outline(gm, unit.norm_nodes, unit.hidden, strip_prefix=unit.norm_path, class_name="Norm")
     if norm.inputs != [unit.residual]:
         raise UserError(f"{where}: the norm reads more than the residual stream")
-    body = outline(gm, unit.body_nodes, unit.output, strip_prefix=unit.path,
+    body_output = (unit.output, *unit.cache_outputs) if unit.cache_outputs else unit.output
+    body = outline(gm, unit.body_nodes, body_output, strip_prefix=unit.path,
                    class_name="Attention" if unit.kind == "attn" else "MLP")
     extras = [n for n in body.inputs if n is not unit.hidden]
     source = {n: (HIDDEN if n is unit.hidden else extras.index(n)) for n in body.inputs}
@@ -126,7 +131,8 @@ def _route_unit(gm, unit: Unit, plan: RoutingPlan, mask_input, batch_sym, seq_sy
                             f"(extra input {stray[0].source}); cannot run it on a token subset")
     hidden = unit.hidden.meta["val"].shape[-1]
     dtype = _dtype(unit.body_nodes)
-    module = RoutedUnit(
+    module_class = CachedRoutedUnit if _is_decode(gm) else RoutedUnit
+    module = module_class(
         kind=unit.kind,
         layer=unit.layer,
         norm=norm.module,
@@ -149,8 +155,12 @@ def _route_unit(gm, unit: Unit, plan: RoutingPlan, mask_input, batch_sym, seq_sy
         module.lora = attach_lora(module, parts, plan.lora_rank, plan.lora_alpha, plan.lora_targets)
     name = f"layer{unit.layer}_{unit.kind}"
     _replace(gm, name, module, unit.residual, mask_input, extras, unit.output, unit.add,
-             unit.norm_nodes + unit.body_nodes)
+                    unit.norm_nodes + unit.body_nodes, cache_outputs=unit.cache_outputs)
     return name
+
+
+def _is_decode(gm: GraphModule) -> bool:
+    return bool(gm.meta.get("irc_capture", {}).get("decode"))
 
 
 def _route_layer(gm, units: list[Unit], plan, mask_input, batch_sym, seq_sym, replaced) -> str:
@@ -187,14 +197,23 @@ def _route_layer(gm, units: list[Unit], plan, mask_input, batch_sym, seq_sym, re
     return name
 
 
-def _replace(gm, name, module, residual, mask_input, extras, output, insert_before, region):
+def _replace(gm, name, module, residual, mask_input, extras, output, insert_before, region,
+             cache_outputs=()):
     gm.add_submodule(name, module)
     anchor = insert_before if insert_before is not None else output
     with gm.graph.inserting_before(anchor):
         call = gm.graph.call_module(name, (residual, mask_input, *extras))
-    call.meta["val"] = output.meta.get("val")
     call.meta["nn_module_stack"] = {name: (name, type(module).__name__)}
-    output.replace_all_uses_with(call)
+    if cache_outputs:  # decode graphs: the call returns (out, *present keys and values)
+        call.meta["val"] = (output.meta.get("val"), *(c.meta.get("val") for c in cache_outputs))
+        for i, node in enumerate((output, *cache_outputs)):
+            with gm.graph.inserting_before(anchor):
+                item = gm.graph.call_function(operator.getitem, (call, i))
+            item.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(item)
+    else:
+        call.meta["val"] = output.meta.get("val")
+        output.replace_all_uses_with(call)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for n in sorted(region, key=order.__getitem__, reverse=True):
         if n.users:

@@ -24,6 +24,10 @@ Before (one module)::                 After (two modules)::
     v = v_proj(a)                               mask_rows, K, k, v)
     o = sdpa(q, k, v, mask)                 = o_proj(sdpa(q_sel, k, v, mask_rows))
     return o_proj(o)
+
+A decode capture's attention also returns its present keys and values (the past
+ones concatenated with the new tokens'): they depend on the key/value path only,
+so ``kv`` returns them too, ``(k, v, *present)``, computed for every new token.
 """
 
 from __future__ import annotations
@@ -89,11 +93,18 @@ def split_attention(attn: GraphModule, where: str) -> AttentionSplit:
     if len(mask_inputs) != 1:
         raise UserError(f"{where}: cannot tell which input of {sdpa.name} is the attention mask")
     output = graph.output_node().args[0]
+    cache: tuple[Node, ...] = ()
+    if isinstance(output, tuple):  # decode capture: (out, *present keys and values)
+        output, *rest = output
+        cache = tuple(rest)
     order = {n: i for i, n in enumerate(graph.nodes)}
-    kv_nodes = sorted(_closure([k, v], set()), key=order.__getitem__)
+    kv_nodes = sorted(_closure([k, v, *cache], set()), key=order.__getitem__)
     q_nodes = sorted(_closure([output], {k, v}), key=order.__getitem__)
+    leaked = [n for n in cache if n in q_nodes]
+    if leaked:
+        raise UserError(f"{where}: the cache output {leaked[0].name} depends on the query path")
     return AttentionSplit(
-        kv=outline(attn, kv_nodes, (k, v), class_name="AttentionKV"),
+        kv=outline(attn, kv_nodes, (k, v, *cache), class_name="AttentionKV"),
         query=outline(attn, q_nodes, output, class_name="AttentionQuery"),
         k=k,
         v=v,

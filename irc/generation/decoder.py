@@ -1,0 +1,135 @@
+"""The routed decode-step graph of a routed model, sharing the model's routing weights.
+
+``decoder_for(routed)`` captures the base model's decode step
+(``irc.generation.capture``), applies the pipeline ``irc.route`` applies to the
+prefill graph (the same passes, the same plan), and then *ties* every routed
+unit of the new graph to the prefill graph's unit of the same name: the router,
+the forecaster, the LoRA deltas and the threshold tensor become the very same
+objects. The base weights are shared already (both captures read the base
+model's parameters). So a routed directory loaded with ``irc.load`` generates
+with the weights it was trained and calibrated with, and training or
+calibrating the prefill graph afterwards moves the decode graph too.
+
+The routing *settings* (mode, sparse, capacity, ...) are copied from the
+prefill units at every ``Decoder.sync()``; the execute counters stay separate, so
+they count the decoded tokens only.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+from irc.errors import UserError
+from irc.generation.capture import cache_shape, capture_decode, empty_cache
+from irc.passes.drop_noop_conversions import drop_noop_conversions
+from irc.passes.pipeline import run_passes
+from irc.passes.route_decoder_blocks import route_decoder_blocks, routed_modules
+
+_SETTINGS = ("mode", "sparse", "tau", "capacity", "record")
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Decoder:
+    """``step(ids, mask, past) -> (logits, present)`` through the routed decode graph."""
+
+    gm: GraphModule
+    routed: object  # the RoutedModel whose prefill units this graph's units are tied to
+    capture_seconds: float
+
+    @property
+    def units(self) -> dict[str, torch.nn.Module]:
+        return routed_modules(self.gm)
+
+    def sync(self) -> None:
+        """Copy the prefill units' routing settings onto the decode units."""
+        for name, unit in self.units.items():
+            source = self.routed.units[name]
+            for attr in _SETTINGS:
+                setattr(unit, attr, getattr(source, attr))
+            unit.keep = None
+
+    def reset_stats(self) -> None:
+        for unit in self.units.values():
+            unit.reset_stats()
+
+    def execute_fraction(self) -> float | None:
+        """Executed / real tokens over every routed unit since the last ``reset_stats``."""
+        executed = sum(u.executed for u in self.units.values())
+        tokens = sum(u.tokens for u in self.units.values())
+        return executed / tokens if tokens else None
+
+    def execute_fractions(self) -> dict[str, float | None]:
+        return {name: u.execute_fraction for name, u in self.units.items()}
+
+    def empty_cache(self, batch: int, device="cpu") -> list[torch.Tensor]:
+        return empty_cache(self.routed.base.model.config, batch, self.routed.base.dtype, device)
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: list[torch.Tensor]):
+        """Logits ``[B, T, V]`` of the T new tokens and the present cache (past + T tokens)."""
+        logits, *present = self.gm(input_ids, attention_mask, *past)
+        return logits, present
+
+
+def decoder_for(routed) -> Decoder:
+    """The decode graph of ``routed``, built once per routed model (a few seconds)."""
+    decoder = _DECODERS.get(routed.gm)
+    if decoder is None:
+        decoder = build_decoder(routed)
+        _DECODERS[routed.gm] = decoder
+    decoder.sync()
+    return decoder
+
+
+def build_decoder(routed) -> Decoder:
+    if routed.plan.variant in ("mod", "static"):
+        raise UserError(f"generation with the {routed.plan.variant!r} variant (whole routed layers) is not "
+                        "supported; generate with an informed or skip model")
+    start = time.perf_counter()
+    captured = capture_decode(routed.base.model)
+    gm = captured.gm
+    passes = [
+        ("drop_noop_conversions", drop_noop_conversions),
+        ("route_decoder_blocks", lambda g: route_decoder_blocks(g, routed.plan)),
+    ]
+    run_passes(gm, passes)
+    _tie(gm, routed)
+    return Decoder(gm=gm, routed=routed, capture_seconds=time.perf_counter() - start)
+
+
+def _tie(gm: GraphModule, routed) -> None:
+    prefill = routed.units
+    decode = routed_modules(gm)
+    if list(decode) != list(prefill):
+        raise RuntimeError(f"the decode graph's routed units {list(decode)[:4]}… differ from the prefill "
+                           f"graph's {list(prefill)[:4]}…")
+    for name, unit in decode.items():
+        source = prefill[name]
+        unit.router = source.router
+        unit.forecaster = source.forecaster
+        unit.threshold = source.threshold  # a registered buffer: the same tensor object
+        if getattr(source, "lora", None) is not None:
+            _tie_lora(unit, source)
+
+
+def _tie_lora(unit, source) -> None:
+    """Point every LoRA parametrization of the decode unit's parts at the prefill unit's deltas."""
+    for part in ("body", "kv", "query"):
+        gm = getattr(unit, part, None)
+        if gm is None:
+            continue
+        for target, delta in source.lora.items():
+            owner = getattr(gm, target, None)
+            if owner is not None and hasattr(owner, "parametrizations"):
+                owner.parametrizations.weight[0] = delta
+    unit.lora = source.lora
+
+
+def cache_layout(config) -> dict:
+    layers, kv_heads, head_dim = cache_shape(config)
+    return {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "tensors": 2 * layers}

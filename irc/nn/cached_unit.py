@@ -1,0 +1,108 @@
+"""A routed unit of the decode-step graph: routing with a KV cache.
+
+The decode capture (``irc.generation.capture``) gives each routed unit the new
+tokens' residual stream ``x [B, T, D]`` and the mask of the past and new tokens
+``attention_mask [B, P+T]``; an attention unit's body also reads the past keys
+and values and returns the present ones::
+
+    attn:  (out [B, T, D], k_0 [B, Hkv, P+T, hd], v_0 [...])      mlp:  out [B, T, D]
+
+Routing is the prefill unit's, per token and causal, so a decode step routes
+every new token exactly as prefill of the whole sequence routes it there:
+
+- the sinks are the first ``n_sink`` real tokens of the whole row (past included);
+- every new token writes its keys and values (the ``kv`` part runs on all T
+  tokens, approximated ones included), the ``query`` part runs on the executed
+  tokens only;
+- ``kv_policy="drop"``: the keys each layer dropped are remembered across steps
+  (``keep``), so the mask of a later step masks them as prefill would.
+
+Fast paths, no gathers or scatters: a step where every token executes runs the
+unit as captured; a step where none does runs only the forecaster (attention:
+and the kv part). At batch 1 and T = 1 every step takes one of the two.
+
+The routers, forecasters and thresholds are the prefill units' own modules and
+tensors (``irc.generation.decoder`` ties them), so there is one set of weights.
+
+Legend: B batch, T new tokens, P past tokens, K executed tokens (Kmax: most in one row), D hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from irc.nn.routed_unit import RoutedUnit
+from irc.nn.tokens import row_layout, sink_mask
+from irc.ops import token_gather
+
+
+class CachedRoutedUnit(RoutedUnit):
+    cached = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # kv_policy="drop": which past tokens are keys of this layer, [B, P] (None: all of them)
+        self.keep: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *extras):
+        T = x.shape[1]
+        full = attention_mask.bool()  # [B, P+T]
+        pad = full[:, full.shape[1] - T:]  # [B, T], True on real new tokens
+        a = self.norm(x)  # [B, T, D]
+        if self.mode == "dense":
+            self.keep = None
+            return self.body(*self._args(self.body_roles, a, extras))
+        if self.mode == "train":
+            raise ValueError("the decode graph does not train; train the prefill graph")
+        sinks = sink_mask(full, self.n_sink)[:, full.shape[1] - T:]  # [B, T]
+        logits = self.router(a)  # [B, T, 2]
+        execute = self._decide(logits, pad, sinks)  # [B, T] bool
+        self._count(execute, pad)
+        keep = self._step_keep(execute, pad, full)
+        if not self.sparse:  # dense compute, then blend: branch-free (what ONNX export traces)
+            approx = self._approximate(a, pad & ~execute)
+            out = self.body(*self._args(self.body_roles, a, extras, keep=keep))
+            u, cache = (out[0], out[1:]) if self.kind == "attn" else (out, ())
+            return self._with_cache(torch.where(execute.unsqueeze(-1), u, approx), cache)
+        if keep is None and bool(execute.all()):  # nothing to skip: the unit as captured
+            return self.body(*self._args(self.body_roles, a, extras))
+        if self.kind == "mlp":
+            if not bool(execute.any()):
+                return self._approximate(a, pad)
+            rows, u = self._sparse_mlp(a, extras, execute)
+            return self._assemble(a, rows, u, pad & ~execute)
+        k, v, *cache = self.kv(*self._args(self.kv_roles, a, extras))  # every new token's keys and values
+        if not bool(execute.any()):
+            return self._with_cache(self._approximate(a, pad), cache)
+        rows, u = self._cached_query(a, extras, execute, k, v, keep)
+        return self._with_cache(self._assemble(a, rows, u, pad & ~execute), cache)
+
+    def _cached_query(self, a, extras, execute, k, v, keep):
+        B, T, D = a.shape
+        if B == 1 and bool(execute.all()):  # kv_policy="drop" at batch 1: no gathers either
+            o = self.query(*self._args(self.query_roles, a, extras, named={"k": k, "v": v}, keep=keep))
+            return torch.arange(T, device=a.device), o.reshape(T, D)
+        pos, valid = row_layout(execute)  # [B, Kmax]
+        kmax = pos.shape[1]
+        rows = torch.arange(B, device=a.device).unsqueeze(1) * T + pos  # [B, Kmax] flat positions
+        a_sel = token_gather(a.reshape(B * T, D), rows.reshape(-1)).view(B, kmax, D)
+        args = self._args(self.query_roles, a_sel, extras, pos=pos, named={"k": k, "v": v}, keep=keep)
+        o = self.query(*args)  # [B, Kmax, D]
+        slots = valid.reshape(-1).nonzero().squeeze(1)  # [K]
+        return rows.reshape(-1)[slots], token_gather(o.reshape(B * kmax, D), slots)
+
+    def _step_keep(self, execute, pad, full) -> torch.Tensor | None:
+        """``kv_policy="drop"``: the keys of this layer, past and new, ``[B, P+T]``; else None."""
+        if self.kv_policy != "drop" or self.kind != "attn":
+            return None
+        B, T = execute.shape
+        P = full.shape[1] - T
+        past = self.keep
+        if past is None or tuple(past.shape) != (B, P):  # a dense prefill: every past token is a key
+            past = torch.ones(B, P, dtype=torch.bool, device=full.device)
+        keep = torch.cat([past, execute | ~pad], dim=1)  # padding: as the model masks it
+        self.keep = keep
+        return keep
+
+    def _with_cache(self, out, cache):
+        return (out, *cache) if self.kind == "attn" else out
