@@ -1,25 +1,32 @@
 """Export a routed model to ONNX, verified against PyTorch with ONNX Runtime.
 
 The routed graph is re-exported with ``torch.export`` (dynamic batch and
-sequence axes) with every routed unit in ``capacity`` routing through its
-static-shape path: each row runs k = ceil(c·T) tokens, so every shape in the
-graph is a function of the input shape. ``torch.onnx.export(dynamo=True)``
-then lowers it, the irc ops through their ONNX lowerings (``portable``:
-``Gather`` / ``ScatterND``). Weights go to external data beside the file.
+sequence axes) with every routed unit on its traceable path
+(``RoutedUnit._traceable``): ``capacity`` routing runs k = ceil(c·T) tokens per
+row, so every shape is a function of the input shape (what engines want);
+``threshold`` routing (the calibrated per-token decision, the one the model was
+trained for) keeps data-dependent token counts (``NonZero``, one ``Kmax`` per
+attention unit). ``dense`` exports the base model's graph, for comparisons.
+``torch.onnx.export(dynamo=True)`` then lowers it, the irc ops through their
+ONNX lowerings: ``portable``, standard ops (``Gather`` / ``ScatterND``);
+``trt``, custom-domain ``TokenGather`` / ``TokenScatter`` plugin nodes
+(``irc.ops.onnx_plugin``), checked by a structural lint against what
+TensorRT's parser accepts. Weights go to external data beside the file.
 
 The export is not done until ONNX Runtime has run it on sample inputs (an odd
-length, a left-padded batch) and matched PyTorch; the results go into a
+length, a left-padded batch) and matched PyTorch (the ``trt`` profile's plugin
+nodes run as onnxruntime-extensions Python ops); the results go into a
 manifest (``model.onnx.json``). A mismatch fails the export and leaves no file.
 
-Not yet implemented (issue #5): ``threshold`` routing (data-dependent token
-counts), the ``trt`` profile (custom-domain TokenGather / TokenScatter nodes),
-and Mixture-of-Depths layers.
+Not implemented: Mixture-of-Depths layers (a baseline; its top-k over the whole
+row is not causal either).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -33,7 +40,8 @@ from torch.export import Dim
 from irc import __version__
 from irc.errors import UserError
 
-ROUTINGS = ("capacity", "threshold")
+ROUTINGS = ("capacity", "threshold", "dense")
+TRT_MAX_TOPK = 3840  # TensorRT's TopK limit; the routers' stable sorts are TopK with k = T
 PROFILES = ("portable", "trt")
 # ORT vs PyTorch on the same fp32 graph: kernels differ in accumulation order.
 # Measured: tiny models ≤ 3e-6; SmolLM2 (30 layers, logits of magnitude ~10-30) 1.3e-3,
@@ -81,12 +89,15 @@ def _sort_stable(x, *, stable: bool = True, dim: int = -1, descending: bool = Fa
 
 
 def _translations(profile: str) -> dict:
-    from irc.ops.token_gather import token_gather_onnx_portable
-    from irc.ops.token_scatter import token_scatter_onnx_portable
+    from irc.ops.token_gather import token_gather_onnx_portable, token_gather_onnx_trt
+    from irc.ops.token_scatter import token_scatter_onnx_portable, token_scatter_onnx_trt
 
+    trt = profile == "trt"
+    gather = token_gather_onnx_trt if trt else token_gather_onnx_portable
+    scatter = token_scatter_onnx_trt if trt else token_scatter_onnx_portable
     return {
-        torch.ops.irc.token_gather.default: token_gather_onnx_portable,
-        torch.ops.irc.token_scatter.default: token_scatter_onnx_portable,
+        torch.ops.irc.token_gather.default: gather,
+        torch.ops.irc.token_scatter.default: scatter,
         # routers' top-k selection (irc.nn.tokens.top_k_positions) is a stable sort
         torch.ops.aten.sort.stable: _sort_stable,
     }
@@ -108,20 +119,25 @@ def sample_inputs(vocab: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.T
 def export_onnx(routed, out: str | Path, config: OnnxExportConfig = OnnxExportConfig(), *, log=print) -> dict:
     """Write ``out`` (+ ``out.data`` and ``out.json``) and return the manifest."""
     out = Path(out)
-    if config.routing == "threshold":
-        raise UserError("--routing threshold is not implemented yet (data-dependent token counts, issue #5); "
-                        "use --routing capacity")
-    if config.profile == "trt":
-        raise UserError("--profile trt is not implemented yet (issue #5); use --profile portable")
-    if routed.plan.variant == "mod":
-        raise UserError("ONNX export of Mixture-of-Depths layers is not implemented yet; export informed, "
-                        "skip or static models")
-    trained = routed.records.get("training", {}).get("sparsity")
-    capacity = config.capacity if config.capacity is not None else (1.0 - trained if trained is not None else 1.0)
-    routed.set_routing("capacity", capacity=capacity, record=False)
+    if routed.plan.variant == "mod" and config.routing != "dense":
+        raise UserError("ONNX export of Mixture-of-Depths layers is not implemented (a baseline whose top-k "
+                        "over the whole row is not causal); export informed, skip or static models")
+    if config.profile == "trt" and routed.base.dtype != torch.float32:
+        raise UserError("--profile trt is verified through onnxruntime-extensions Python ops, which run fp32; "
+                        "export with --dtype fp32 (TensorRT builds fp16/bf16 engines from it with strongly "
+                        "typed casts, see docs/deploy-tensorrt.md)")
+    capacity = None
+    if config.routing == "capacity":
+        trained = routed.records.get("training", {}).get("sparsity")
+        capacity = config.capacity if config.capacity is not None else (1.0 - trained if trained is not None else 1.0)
+        routed.set_routing("capacity", capacity=capacity, record=False)
+    else:
+        routed.set_routing(config.routing, record=False)
     for unit in routed.units.values():
-        unit.static_shapes = True
+        unit.traceable = True
     max_seq = config.max_seq or routed.arch.max_positions or 8192
+    if config.profile == "trt" and config.max_seq is None:
+        max_seq = min(max_seq, TRT_MAX_TOPK)
     try:
         start = time.perf_counter()
         ids, mask = sample_inputs(routed.arch.vocab)[1]
@@ -142,6 +158,8 @@ def export_onnx(routed, out: str | Path, config: OnnxExportConfig = OnnxExportCo
         try:
             staged = tmp / out.name
             program.save(str(staged), external_data=True)
+            _name_axes(staged)
+            lint = _lint(staged, config, max_seq)
             verification = verify(routed, staged, config)
             if not verification["passed"]:
                 raise UserError(
@@ -150,6 +168,7 @@ def export_onnx(routed, out: str | Path, config: OnnxExportConfig = OnnxExportCo
                     "no file written"
                 )
             manifest = _manifest(routed, out, config, capacity, max_seq, staged, verification)
+            manifest["trt_lint"] = lint
             (tmp / f"{out.name}.json").write_text(json.dumps(manifest, indent=2) + "\n")
             for f in sorted(tmp.iterdir()):  # data first, the .onnx last: it is what users open
                 if f.name != out.name:
@@ -159,15 +178,50 @@ def export_onnx(routed, out: str | Path, config: OnnxExportConfig = OnnxExportCo
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
         for unit in routed.units.values():
-            unit.static_shapes = False
+            unit.traceable = False
         routed.set_routing("dense", record=True)
     return manifest
+
+
+def _name_axes(path: Path) -> None:
+    """Call the inputs' symbolic dims ``batch`` and ``seq`` everywhere (torch names them s0, s1, …)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    names = {d.dim_param: new for d, new in zip(dims, ("batch", "seq")) if d.dim_param}
+    if not names:
+        return
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = symbol.sub(lambda m: names[m.group(1)], d.dim_param)
+    onnx.save(model, str(path))  # the weights stay where they are: external data is not loaded
+
+
+def _lint(path: Path, config: OnnxExportConfig, max_seq: int) -> dict | None:
+    """The ``trt`` profile's structural check against what TensorRT's ONNX parser accepts."""
+    if config.profile != "trt":
+        return None
+    import onnx
+
+    from irc.exporters.trt_lint import lint_for_tensorrt
+
+    problems = lint_for_tensorrt(onnx.load(str(path), load_external_data=False), max_seq=max_seq)
+    if problems:
+        listed = "; ".join(problems[:5]) + (f"; … {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise UserError(f"the trt-profile graph fails the TensorRT lint ({len(problems)} problems): {listed}; "
+                        "no file written")
+    return {"passed": True, "max_seq": max_seq}
 
 
 def verify(routed, path: Path, config: OnnxExportConfig) -> dict:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from irc.exporters.onnx_contrib import inference_session
+
+    session = inference_session(path)
     worst, agree, total, cases = 0.0, 0, 0, []
     for ids, mask in sample_inputs(routed.arch.vocab, seed=1):
         got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]

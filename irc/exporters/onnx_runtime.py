@@ -19,7 +19,7 @@ from irc.errors import UserError
 
 class OnnxModel:
     def __init__(self, path: str | Path, providers: list[str] | None = None):
-        import onnxruntime as ort
+        from irc.exporters.onnx_contrib import inference_session
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -27,7 +27,9 @@ class OnnxModel:
         manifest = self.path.with_name(self.path.name + ".json")
         self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
         try:
-            self.session = ort.InferenceSession(str(self.path), providers=providers or ["CPUExecutionProvider"])
+            self.session = inference_session(self.path, providers)
+        except UserError:
+            raise
         except Exception as e:  # ORT raises its own exception types for unreadable files
             raise UserError(f"ONNX Runtime cannot load {self.path}: {e}") from None
         self.inputs = [i.name for i in self.session.get_inputs()]

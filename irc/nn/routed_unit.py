@@ -99,8 +99,8 @@ class RoutedUnit(RoutingState):
         logits = self.router(a)  # [B, T, 2]
         if self.mode == "train":
             return self._train(x, a, extras, logits, pad, sinks)
-        if self.mode == "capacity" and self.static_shapes:
-            return self._static_capacity(a, extras, logits, pad, sinks)
+        if self.traceable and self.mode in ("capacity", "threshold"):
+            return self._traceable(a, extras, logits, pad, sinks)
         execute = self._decide(logits, pad, sinks)  # [B, T] bool
         self._count(execute, pad)
         if not self.sparse:
@@ -115,32 +115,56 @@ class RoutedUnit(RoutingState):
             rows, u = self._sparse_attention(a, extras, execute, pad)
         return self._assemble(a, rows, u, pad & ~execute)
 
-    def _static_capacity(self, a, extras, logits, pad, sinks):
-        """Capacity routing with shapes that depend on T only (for export and engines).
+    def _traceable(self, a, extras, logits, pad, sinks):
+        """Sparse routing without Python branches on tensor values, for ``torch.export``.
 
-        Every row runs exactly k = ceil(c·T) slots, its top-k tokens by margin in
-        position order; slots that landed on padding (rows with fewer than k real
-        tokens) run too and are discarded. Equal to the data-dependent path.
+        ``capacity``: every row runs exactly k = ceil(c·T) slots, its top-k tokens by
+        margin in position order, so every shape is a function of T; slots that landed
+        on padding run too and are discarded. ``threshold``: MLPs run the K executed
+        tokens of the flattened batch (K from ``nonzero``); attention runs each row's
+        executed tokens first, padded to the busiest row's count Kmax (one data-dependent
+        size in [1, T]), the padding slots being other tokens of the row whose
+        results are discarded. The forecaster runs densely; both equal the eager path.
         """
         B, T, D = a.shape
-        k = math.ceil(self.capacity * T)
         margin = (logits[..., 0] - logits[..., 1]).float() - self.threshold  # [B, T]
-        score = margin.masked_fill(~pad, -math.inf).masked_fill(sinks, math.inf)
-        pos = top_k_positions(score, k).sort(dim=1).values  # [B, k] positions, ascending
-        valid = pad.gather(1, pos)  # [B, k]
-        execute = torch.zeros_like(pad).scatter(1, pos, True) & pad  # [B, T]
-        approx = self._approximate(a, pad & ~execute)  # [B, T, D], dense (static shapes)
-        rows = (torch.arange(B, device=a.device).unsqueeze(1) * T + pos).reshape(-1)  # [B·k]
-        a_sel = token_gather(a.reshape(B * T, D), rows)  # [B·k, D]
+        pos = None
+        if self.mode == "capacity":
+            k = math.ceil(self.capacity * T)
+            score = margin.masked_fill(~pad, -math.inf).masked_fill(sinks, math.inf)
+            chosen = torch.zeros_like(pad).scatter(1, top_k_positions(score, k), True)  # [B, T], k per row
+            pos = _first_positions(chosen, k)  # [B, k], ascending
+            execute = chosen & pad  # [B, T]
+        else:
+            execute = ((margin >= 0) | sinks) & pad  # [B, T]
+        approx = self._approximate(a, pad & ~execute).reshape(B * T, D)  # [B·T, D], dense
+        flat = a.reshape(B * T, D)
+        if pos is None and self.kind == "mlp":
+            # a float key: TensorRT's NonZero takes no bool input
+            rows = execute.reshape(-1).to(torch.float32).nonzero().squeeze(1)  # [K]
+            a_sel = token_gather(flat, rows).unsqueeze(0)  # [1, K, D]
+            u = self.body(*self._args(self.body_roles, a_sel, extras, flat=rows.shape[0]))
+            return token_scatter(approx, u.reshape(-1, D).to(approx.dtype), rows).view(B, T, D)
+        if pos is None:
+            # at least one slot: attention over zero queries would need a branch on Kmax == 0
+            kmax = execute.sum(dim=1).max().clamp(min=1).item()
+            torch._check(kmax >= 1)
+            torch._check(kmax <= T)
+            pos = _first_positions(execute, kmax)  # [B, Kmax]
+        S = pos.shape[1]
+        valid = execute.gather(1, pos).reshape(-1, 1)  # [B·S, 1]
+        rows = (torch.arange(B, device=a.device).unsqueeze(1) * T + pos).reshape(-1)  # [B·S]
+        a_sel = token_gather(flat, rows)  # [B·S, D]
         if self.kind == "mlp":
-            u = self.body(*self._args(self.body_roles, a_sel.unsqueeze(0), extras, flat=B * k))
+            u = self.body(*self._args(self.body_roles, a_sel.unsqueeze(0), extras, flat=B * S))
         else:
             k_, v_ = self.kv(*self._args(self.kv_roles, a, extras))
-            args = self._args(self.query_roles, a_sel.view(B, k, D), extras, pos=pos,
+            args = self._args(self.query_roles, a_sel.view(B, S, D), extras, pos=pos,
                               named={"k": k_, "v": v_}, keep=self._keep(execute, pad))
             u = self.query(*args)
-        u = u.reshape(B * k, D) * valid.reshape(-1, 1).to(u.dtype)  # padding contributes nothing
-        return token_scatter(approx.reshape(B * T, D), u, rows).view(B, T, D)
+        # discarded slots keep what is already there (the forecast, or 0 on padding)
+        u = torch.where(valid, u.reshape(B * S, D).to(approx.dtype), token_gather(approx, rows))
+        return token_scatter(approx, u, rows).view(B, T, D)
 
     def _train(self, x, a, extras, logits, pad, sinks):
         g = F.gumbel_softmax(logits.float(), tau=self.tau, hard=True)[..., 0]  # [B, T], straight-through
@@ -228,3 +252,12 @@ class RoutedUnit(RoutingState):
         lff = "none (skip)" if self.forecaster is None else f"rank {self.forecaster.w1.out_features}"
         return (f"layer={self.layer}, kind={self.kind}, mode={self.mode}, n_sink={self.n_sink}, "
                 f"kv_policy={self.kv_policy}, lff={lff}")
+
+
+def _first_positions(selected: torch.Tensor, n) -> torch.Tensor:
+    """Per row, the first ``n`` positions in order of a bool ``[B, T]``: selected ones first.
+
+    A stable sort of (not selected), which lowers to one ``TopK`` over T (k = T, a
+    function of the input shape; a float key because engines' TopK takes no int8).
+    """
+    return torch.sort((~selected).to(torch.float32), dim=1, stable=True).indices[:, :n]

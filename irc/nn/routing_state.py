@@ -24,8 +24,9 @@ class RoutingState(nn.Module):
         self.capacity = 1.0
         self.forced_mask: torch.Tensor | None = None
         self.record = True
-        # export: capacity routing through static shapes only (no data-dependent sizes or branches)
-        self.static_shapes = False
+        # export: no Python branches on tensor values (capacity: static shapes; threshold: one
+        # data-dependent count per unit), see RoutedUnit._traceable
+        self.traceable = False
         self.executed = 0
         self.tokens = 0
 

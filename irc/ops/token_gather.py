@@ -167,3 +167,12 @@ def token_gather_onnx_portable(x, index):
     from onnxscript import opset18 as op
 
     return op.Gather(x, index, axis=0)
+
+
+def token_gather_onnx_trt(x, index):
+    """ONNX lowering for the ``trt`` profile: one ``TokenGather`` plugin node (``irc.ops.onnx_plugin``)."""
+    from irc.ops.onnx_plugin import plugin_attributes, plugin_opset
+
+    contrib = plugin_opset("TokenGather", [("x", "T"), ("index", "tensor(int64)")], [("out", "T")],
+                           doc="out[k] = x[index[k]]: x [N, D], index [K] int64 -> out [K, D]")
+    return contrib.TokenGather(x, index, **plugin_attributes())

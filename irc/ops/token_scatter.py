@@ -183,3 +183,14 @@ def token_scatter_onnx_portable(base, src, index):
     from onnxscript import opset18 as op
 
     return op.ScatterND(base, op.Unsqueeze(index, op.Constant(value_ints=[1])), src)
+
+
+def token_scatter_onnx_trt(base, src, index):
+    """ONNX lowering for the ``trt`` profile: one ``TokenScatter`` plugin node (``irc.ops.onnx_plugin``)."""
+    from irc.ops.onnx_plugin import plugin_attributes, plugin_opset
+
+    contrib = plugin_opset("TokenScatter", [("base", "T"), ("src", "T"), ("index", "tensor(int64)")],
+                           [("out", "T")],
+                           doc="out = base with row index[k] replaced by src[k]: base [N, D], src [K, D], "
+                           "index [K] int64 -> out [N, D]")
+    return contrib.TokenScatter(base, src, index, **plugin_attributes())

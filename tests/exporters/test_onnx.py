@@ -16,43 +16,76 @@ from tiny import FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_static_capacity_path_equals_the_data_dependent_one(family):
+@pytest.mark.parametrize("routing", [("capacity", {"capacity": 0.6}), ("threshold", {})])
+def test_traceable_path_equals_the_eager_one(family, routing):
+    mode, setting = routing
     _, routed = tiny_routed(family)
     for T in (1, 7, 64):
         ids, mask = batch(T)
         with torch.no_grad():
-            routed.set_routing("capacity", capacity=0.6)
+            routed.set_routing(mode, **setting)
             want = routed(ids, mask)
             for u in routed.units.values():
-                u.static_shapes = True
+                u.traceable = True
             got = routed(ids, mask)
             for u in routed.units.values():
-                u.static_shapes = False
+                u.traceable = False
         assert (got - want)[mask.bool()].abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_export_verify_and_run(family, tmp_path):
-    import onnxruntime as ort
+EXPORTS = [  # (family, routing, profile): every routing × profile, spread over the families
+    ("llama", "capacity", "portable"), ("qwen3", "capacity", "trt"),
+    ("mistral", "threshold", "portable"), ("qwen2", "threshold", "trt"), ("llama", "threshold", "trt"),
+]
+
+
+@pytest.mark.parametrize("family,routing,profile", EXPORTS)
+def test_export_verify_and_run(family, routing, profile, tmp_path):
+    from irc.exporters.onnx_contrib import inference_session
 
     _, routed = tiny_routed(family)
     out = tmp_path / "model.onnx"
-    manifest = export_onnx(routed, out, OnnxExportConfig(capacity=0.5), log=lambda s: None)
+    config = OnnxExportConfig(routing=routing, capacity=0.5 if routing == "capacity" else None, profile=profile)
+    manifest = export_onnx(routed, out, config, log=lambda s: None)
     assert manifest["verification"]["passed"] and manifest["verification"]["max_abs_diff"] < 1e-4
-    assert json.loads((tmp_path / "model.onnx.json").read_text())["capacity"] == 0.5
+    assert manifest["verification"]["argmax_agreement"] == 1.0
+    saved = json.loads((tmp_path / "model.onnx.json").read_text())
+    assert (saved["routing"], saved["profile"]) == (routing, profile)
+    assert saved["capacity"] == (0.5 if routing == "capacity" else None)
     assert manifest["inputs"] == ["input_ids", "attention_mask"]
-    ops = {n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node}
-    assert {"Gather", "ScatterND", "TopK"} <= ops
-    # dynamic axes: a batch and a length the export never saw
-    session = ort.InferenceSession(str(out))
+    graph = onnx.load(str(out), load_external_data=False).graph
+    ops = {(n.domain, n.op_type) for n in graph.node}
+    if profile == "portable":
+        assert {("", "Gather"), ("", "ScatterND"), ("", "TopK")} <= ops
+        assert all(domain == "" for domain, _ in ops)
+    else:
+        assert {("ai.onnx.contrib", "TokenGather"), ("ai.onnx.contrib", "TokenScatter")} <= ops
+        assert ("", "ScatterND") not in ops
+        plugin = next(n for n in graph.node if n.op_type == "TokenScatter")
+        assert {a.name: a.s for a in plugin.attribute} == {"plugin_namespace": b"irc", "plugin_version": b"1"}
+        assert manifest["trt_lint"]["passed"] and manifest["dynamic_axes"]["seq"][1] <= 3840
+    if routing == "threshold":
+        assert ("", "NonZero") in ops
+    # dynamic axes: a batch and a length the export never saw, left padding in one row
+    session = inference_session(out)
     ids = torch.randint(0, 300, (3, 33))
     mask = torch.ones_like(ids)
     mask[2, :4] = 0
-    routed.set_routing("capacity", capacity=0.5)
+    routed.set_routing(routing, capacity=config.capacity)
     with torch.no_grad():
         want = routed(ids, mask).numpy()
     got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     assert np.abs(got - want)[mask.bool().numpy()].max() < 1e-4
+    fractions = [u.execute_fraction for u in routed.units.values()]
+    assert 0 < min(fractions) and max(fractions) < 1 or routing == "capacity"  # routing really splits tokens
+
+
+def test_dense_export_equals_the_base_model(tmp_path):
+    loaded, routed = tiny_routed("llama")
+    manifest = export_onnx(routed, tmp_path / "dense.onnx", OnnxExportConfig(routing="dense"), log=lambda s: None)
+    assert manifest["routing"] == "dense" and manifest["verification"]["max_abs_diff"] < 1e-4
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "dense.onnx"), load_external_data=False).graph.node}
+    assert "ScatterND" not in ops and "TopK" not in ops
 
 
 def test_a_broken_lowering_fails_and_leaves_no_file(tmp_path, monkeypatch):
@@ -75,12 +108,7 @@ def test_a_broken_lowering_fails_and_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_not_yet_supported_is_said_plainly(tmp_path):
-    _, routed = tiny_routed("llama")
-    with pytest.raises(UserError, match="threshold is not implemented yet"):
-        export_onnx(routed, tmp_path / "m.onnx", OnnxExportConfig(routing="threshold"))
-    with pytest.raises(UserError, match="trt is not implemented yet"):
-        export_onnx(routed, tmp_path / "m.onnx", OnnxExportConfig(profile="trt"))
+def test_unsupported_is_said_plainly(tmp_path):
     _, mod = tiny_routed("llama", RoutingPlan(variant="mod", n_sink=1))
     with pytest.raises(UserError, match="Mixture-of-Depths"):
         export_onnx(mod, tmp_path / "m.onnx")
