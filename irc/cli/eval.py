@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_routed(args)
     if args.model.endswith(".onnx"):
         return _run_onnx(args)
+    if args.model.endswith(".engine"):
+        return _run_engine(args)
     if args.sparsity is not None:
         raise UserError("--sparsity applies to routed model directories (made by irc convert)")
     start = time.perf_counter()
@@ -156,7 +158,14 @@ def _run_routed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_onnx(args: argparse.Namespace) -> int:
+def _run_engine(args: argparse.Namespace) -> int:
+    """A TensorRT engine (``irc export trt``): the same evaluation as an ONNX file."""
+    from irc.exporters.tensorrt import Engine
+
+    return _run_onnx(args, model_class=Engine, backend="tensorrt")
+
+
+def _run_onnx(args: argparse.Namespace, model_class=None, backend: str = "onnxruntime") -> int:
     from irc.cli.common import emit_json, fmt_int, info
     from irc.data import load_corpus, token_stream
     from irc.errors import UserError
@@ -164,9 +173,9 @@ def _run_onnx(args: argparse.Namespace) -> int:
     from irc.exporters.onnx_runtime import OnnxModel
 
     if args.sparsity is not None:
-        raise UserError("--sparsity applies to routed model directories; an ONNX file's routing is fixed")
+        raise UserError(f"--sparsity applies to routed model directories; a {backend} file's routing is fixed")
     start = time.perf_counter()
-    model = OnnxModel(args.model)
+    model = (model_class or OnnxModel)(args.model)
     corpus = load_corpus(args.data, default_split="heldout")
     stream = token_stream(corpus, model.tokenizer(), args.bos)
     result = evaluate_perplexity(model, stream, seq_len=args.seq_len, stride=args.stride,
@@ -174,13 +183,13 @@ def _run_onnx(args: argparse.Namespace) -> int:
                                  show_progress=not args.json)
     m = model.manifest
     if args.json:
-        emit_json({"model": args.model, "backend": "onnxruntime", "data": corpus.spec,
+        emit_json({"model": args.model, "backend": backend, "data": corpus.spec,
                    "routing": m.get("routing"), "capacity": m.get("capacity"), **result.to_dict()})
         return 0
-    info(f"model       {args.model} (ONNX Runtime; routing {m.get('routing')}, capacity {m.get('capacity')})")
+    info(f"model       {args.model} ({backend}; routing {m.get('routing')}, capacity {m.get('capacity')})")
     info(f"data        {corpus.spec}: {fmt_int(result.tokens)} tokens scored in windows of {args.seq_len}")
     info(f"perplexity  {result.perplexity:.3f}")
     info(f"speed       {result.tokens_per_s:,.0f} tokens/s")
-    info(f"PASSED eval {time.perf_counter() - start:.1f}s ppl {result.perplexity:.2f} backend=onnxruntime "
+    info(f"PASSED eval {time.perf_counter() - start:.1f}s ppl {result.perplexity:.2f} backend={backend} "
          f"model={args.model}")
     return 0

@@ -30,6 +30,9 @@ def add_parser(subparsers) -> None:
                    "trt: at most 3840, TensorRT's TopK limit)")
     o.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
     o.set_defaults(run=run_onnx)
+    from irc.cli.export_trt import add_trt_parser
+
+    add_trt_parser(sub)
     p.set_defaults(run=lambda args: p.print_help() or 2)
 
 
