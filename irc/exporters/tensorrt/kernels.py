@@ -101,7 +101,7 @@ def compile_aot(op: str, dtype: str, *, block_d: int, target=None) -> AotKernel:
 def launch_gather_aot(x, index, out):
     """Launch the gather entry point the way TensorRT does (grid max(K, 1)); for tests."""
     k, d = index.shape[0], x.shape[1]
-    block_d = block_d_for(d)
+    block_d, index = block_d_for(d), index.contiguous()  # [K]: the kernels read it densely
     _token_gather_aot[(max(k, 1), triton.cdiv(d, block_d))](
         x, index, k, d, x.stride(0), x.stride(1), out.stride(0), out.stride(1), out, BLOCK_D=block_d)
     return out
@@ -110,7 +110,7 @@ def launch_gather_aot(x, index, out):
 def launch_scatter_aot(base_out, src, index):
     """Launch the scatter entry point into ``base_out`` in place (the aliased output); for tests."""
     k, d = index.shape[0], src.shape[1]
-    block_d = block_d_for(d)
+    block_d, index = block_d_for(d), index.contiguous()  # [K]
     _token_scatter_aot[(max(k, 1), triton.cdiv(d, block_d))](
         base_out, src, index, k, d, src.stride(0), src.stride(1), base_out.stride(0), base_out.stride(1),
         base_out, BLOCK_D=block_d)
