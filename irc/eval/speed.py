@@ -1,0 +1,218 @@
+"""Dense vs routed prefill speed of one routed model, on one backend.
+
+``bench_speed(routed_dir, backend="torch"|"ort")`` times the dense model and
+the routed model on the same real text (windows of the held-out wiki corpus,
+since routing decisions depend on content), interleaving the two so that
+machine noise hits both alike, and reports the median tokens/s, the speedup,
+the range of per-pair speedups, the peak memory each needed (sampled RSS over
+the timed runs on the CPU) and the execute fraction the routed model reached.
+
+- ``torch``: dense is the base model's captured graph; routed is the routed
+  graph in threshold routing (the calibrated decisions) or capacity routing.
+- ``ort``: both are exported ONNX files (``irc export onnx``, fp32, portable),
+  made on first use into ``onnx_dir`` (default ``OUT/onnx``) and reused while
+  their manifests match the routed model; the execute fraction is PyTorch's on
+  the same inputs (the export is verified to route identically).
+
+Legend: B batch, T tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from irc.errors import UserError
+from irc.eval.memory import RssPeak
+
+BENCH_BACKENDS = ("torch", "ort")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    seq_lens: tuple[int, ...] = (128, 512, 1024, 2048)
+    batch: int = 1
+    routing: str = "threshold"
+    capacity: float | None = None  # capacity routing: default 1 − the trained sparsity
+    dtype: str = "bf16"  # torch only; ONNX files are fp32
+    warmup: int = 1
+    repeats: int = 5
+    threads: int | None = None
+    data: str = "wiki:heldout"  # the text the inputs are cut from (a corpus spec, as irc eval --data)
+
+    def __post_init__(self):
+        if not self.seq_lens or min(self.seq_lens) < 1:
+            raise UserError(f"--seq-lens must be positive lengths, got {self.seq_lens}")
+        if self.batch < 1:
+            raise UserError(f"--batch must be positive, got {self.batch}")
+        if self.routing not in ("threshold", "capacity"):
+            raise UserError(f"--routing must be threshold or capacity, got {self.routing!r}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise UserError("--repeats must be ≥ 1 and --warmup ≥ 0")
+
+
+@dataclass
+class SpeedResult:
+    model: str
+    backend: str
+    config: SpeedConfig
+    rows: list[dict] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "backend": self.backend, "config": asdict(self.config),
+                **self.meta, "rows": self.rows}
+
+
+def text_inputs(tokenizer, batch: int, seq: int, data: str = "wiki:heldout") -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` consecutive windows of ``seq`` tokens of ``data`` (repeated if the corpus is short)."""
+    from irc.data import load_corpus, token_stream
+
+    stream = torch.from_numpy(token_stream(load_corpus(data), tokenizer).astype("int64"))
+    need = batch * seq
+    if len(stream) < need:
+        stream = stream.repeat(need // len(stream) + 1)
+    ids = stream[:need].view(batch, seq)  # [B, T]
+    return ids, torch.ones_like(ids)
+
+
+def _interleaved(dense, routed, ids, mask, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        dense(ids, mask)
+        routed(ids, mask)
+    td, tr = [], []
+    with RssPeak() as mem_dense:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            dense(ids, mask)
+            td.append(time.perf_counter() - start)
+    with RssPeak() as mem_routed:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            routed(ids, mask)
+            tr.append(time.perf_counter() - start)
+    # a second, interleaved set: pairs run back to back, so noise hits both sides of a pair alike
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dense(ids, mask)
+        td.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        routed(ids, mask)
+        tr.append(time.perf_counter() - start)
+    pairs = sorted(a / b for a, b in zip(td[repeats:], tr[repeats:], strict=True))
+    d, r = statistics.median(td), statistics.median(tr)
+    return {"dense_ms": d * 1e3, "routed_ms": r * 1e3, "speedup": d / r,
+            "speedup_pair_min": pairs[0], "speedup_pair_max": pairs[-1],
+            "dense_peak_extra_mb": mem_dense.extra_mb, "routed_peak_extra_mb": mem_routed.extra_mb}
+
+
+def _execute_fraction(routed, ids, mask) -> float | None:
+    for unit in routed.units.values():
+        unit.reset_stats()
+        unit.record = True
+    with torch.inference_mode():
+        routed(ids, mask)
+    executed = sum(u.executed for u in routed.units.values())
+    tokens = sum(u.tokens for u in routed.units.values())
+    return executed / tokens if tokens else None
+
+
+def _onnx_pair(routed, routed_dir: Path, config: SpeedConfig, onnx_dir: Path, log):
+    """dense.onnx and <routing>.onnx for ``routed`` (fp32), exported unless already there and current."""
+    from irc.exporters.onnx import OnnxExportConfig, export_onnx
+    from irc.exporters.onnx_runtime import OnnxModel
+
+    models = {}
+    for name, routing in (("dense", "dense"), ("routed", config.routing)):
+        path = onnx_dir / f"{routing}.onnx" if routing != "capacity" else \
+            onnx_dir / f"capacity-{config.capacity}.onnx"
+        manifest = path.with_name(path.name + ".json")
+        current = False
+        if path.is_file() and manifest.is_file():
+            m = json.loads(manifest.read_text())
+            current = (m.get("base", {}).get("weights_sha256") == routed.base.weights_sha256
+                       and m.get("plan") == routed.plan.to_dict() and m.get("routing") == routing
+                       and m.get("routing_weights_sha256") == _routing_sha(routed_dir))
+        if not current:
+            log(f"exporting {routing} ONNX to {path} (once; reused while the routed model is unchanged)")
+            export_onnx(routed, path, OnnxExportConfig(routing=routing, capacity=config.capacity), log=log)
+            m = json.loads(manifest.read_text())
+            m["routing_weights_sha256"] = _routing_sha(routed_dir)
+            manifest.write_text(json.dumps(m, indent=2) + "\n")
+        models[name] = OnnxModel(path)
+    return models["dense"], models["routed"]
+
+
+def _routing_sha(routed_dir: Path) -> str:
+    from irc.cache import cached_sha256
+
+    return cached_sha256([routed_dir / "routing.safetensors"])
+
+
+def bench_speed(routed_dir: str | Path, backend: str = "torch", config: SpeedConfig = SpeedConfig(), *,
+                onnx_dir: str | Path | None = None, log=print) -> SpeedResult:
+    import irc
+    from irc.capture import capture
+    from irc.routing import is_routed_dir
+
+    routed_dir = Path(routed_dir)
+    if backend not in BENCH_BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BENCH_BACKENDS)}, got {backend!r}")
+    if not is_routed_dir(routed_dir):
+        raise UserError(f"{routed_dir} is not a routed model directory (made by irc convert)")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dtype = config.dtype if backend == "torch" else "fp32"
+    routed = irc.load(routed_dir, dtype=dtype)
+    trained = routed.records.get("training", {}).get("sparsity")
+    if config.routing == "capacity" and config.capacity is None:
+        from dataclasses import replace
+
+        config = replace(config, capacity=1.0 - (trained or 0.0))
+    if backend == "torch":
+        dense_gm = capture(routed.base.model).gm
+        dense = lambda ids, mask: dense_gm(ids, mask)  # noqa: E731
+        routed_call = routed
+    else:
+        dense, routed_call = _onnx_pair(routed, routed_dir, config, Path(onnx_dir or routed_dir / "onnx"), log)
+    routed.set_routing(config.routing, capacity=config.capacity, record=False)
+    result = SpeedResult(str(routed_dir), backend, config, meta={
+        "trained_sparsity": trained, "dtype": dtype, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "machine": f"{platform.machine()} ({platform.processor() or 'cpu'})",
+    })
+    if backend == "ort":
+        import onnxruntime as ort
+
+        result.meta["onnxruntime"] = ort.__version__
+    for T in config.seq_lens:
+        ids, mask = text_inputs(routed.base.tokenizer, config.batch, T, config.data)
+        fraction = _execute_fraction(routed, ids, mask)
+        routed.set_routing(config.routing, capacity=config.capacity, record=False)
+        with torch.inference_mode():
+            row = _interleaved(dense, routed_call, ids, mask, config.warmup, config.repeats)
+        row = {"seq_len": T, "batch": config.batch, **row,
+               "dense_tok_s": config.batch * T / (row["dense_ms"] / 1e3),
+               "routed_tok_s": config.batch * T / (row["routed_ms"] / 1e3), "execute_fraction": fraction}
+        result.rows.append(row)
+        log(f"T={T:5d} B={config.batch}: dense {row['dense_ms']:8.1f} ms  routed {row['routed_ms']:8.1f} ms  "
+            f"speedup {row['speedup']:.2f}x [{row['speedup_pair_min']:.2f}-{row['speedup_pair_max']:.2f}]  "
+            f"executed {fraction:.3f}")
+    return result
+
+
+def markdown_table(result: SpeedResult) -> list[str]:
+    lines = ["| T | B | dense tok/s | routed tok/s | speedup (medians) | pair range | executed | "
+             "dense peak extra MB | routed peak extra MB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result.rows:
+        lines.append(f"| {r['seq_len']} | {r['batch']} | {r['dense_tok_s']:,.0f} | {r['routed_tok_s']:,.0f} | "
+                     f"{r['speedup']:.2f}× | {r['speedup_pair_min']:.2f}–{r['speedup_pair_max']:.2f}× | "
+                     f"{r['execute_fraction']:.3f} | {r['dense_peak_extra_mb']:.0f} | "
+                     f"{r['routed_peak_extra_mb']:.0f} |")
+    return lines
