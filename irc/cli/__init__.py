@@ -21,6 +21,8 @@ SUBCOMMANDS: dict[str, str] = {
     "data": "data",
     "inspect": "inspect",
     "export": "export",
+    "run": "run",
+    "bench": "bench",
 }
 
 
