@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from ops.triton_interpret import CASES
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,

@@ -9,7 +9,11 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 import irc.ops  # noqa: F401  (registers irc::token_gather / irc::token_scatter)
 from irc.exporters.tensorrt.shapes import (
-    AUTOTUNE_GATHER, AUTOTUNE_SCATTER, capacity_tokens, gather_output_shape, scatter_output_shape,
+    AUTOTUNE_GATHER,
+    AUTOTUNE_SCATTER,
+    capacity_tokens,
+    gather_output_shape,
+    scatter_output_shape,
     threshold_tokens_bound,
 )
 from irc.ops.token_gather import token_gather_reference
