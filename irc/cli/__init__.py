@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "data": "data",
     "inspect": "inspect",
     "export": "export",
+    "generate": "generate",
     "run": "run",
     "bench": "bench",
 }

@@ -10,7 +10,8 @@ builds a transformers ``DynamicCache`` holding the past tensors, so each
 attention module concatenates its new keys and values to them
 (``torch.cat``, inside the attention module) and the graph returns the
 concatenations. Batch, new tokens T (≥ 1) and past length P (≥ 0) are dynamic:
-the same graph runs the prompt (P = 0) and every decode step (T = 1). Positions
+the same graph runs the prompt (P = 0) and every decode step (T = 1), as long as
+P + T ≥ ``MIN_CONTEXT`` (4; ``generate`` left-pads shorter prompts). Positions
 are ``P + arange(T)``, as in the prefill capture (``irc.capture``), so a decode
 step sees exactly the positions, masks and keys that prefill of the whole
 sequence does.
@@ -27,6 +28,11 @@ import torch
 from torch.export import Dim, export
 
 from irc.capture import MAX_BATCH, Capture
+
+# export traces P and T as sizes >= 2, and transformers' mask code ties the mask length to
+# P + T, so the graph guards P + T >= 4; shorter prompts are left-padded to it (mask 0):
+# padding is never attended nor executed, and rotary attention depends on relative positions.
+MIN_CONTEXT = 4
 
 
 class DecodeStep(torch.nn.Module):

@@ -5,8 +5,8 @@
 prefill graph (the same passes, the same plan), and then *ties* every routed
 unit of the new graph to the prefill graph's unit of the same name: the router,
 the forecaster, the LoRA deltas and the threshold tensor become the very same
-objects. The base weights are shared already (both captures read the base
-model's parameters). So a routed directory loaded with ``irc.load`` generates
+objects. The base weights are tied by name too (both captures usually read
+the base model's parameters already). So a routed directory loaded with ``irc.load`` generates
 with the weights it was trained and calibrated with, and training or
 calibrating the prefill graph afterwards moves the decode graph too.
 
@@ -115,6 +115,22 @@ def _tie(gm: GraphModule, routed) -> None:
         unit.threshold = source.threshold  # a registered buffer: the same tensor object
         if getattr(source, "lora", None) is not None:
             _tie_lora(unit, source)
+    _tie_parameters(gm, routed.gm)
+
+
+def _tie_parameters(gm: GraphModule, prefill: GraphModule) -> None:
+    """Every parameter of ``gm`` becomes the prefill graph's parameter of the same name.
+
+    Both graphs name them alike (``layer0_attn.body.q_proj.weight``, ``m.lm_head.weight``);
+    usually they already are the base model's tensors, but a copied prefill graph owns its own.
+    """
+    theirs = dict(prefill.named_parameters(remove_duplicate=False))
+    for name, mine in list(gm.named_parameters(remove_duplicate=False)):
+        source = theirs.get(name)
+        if source is None or source is mine or source.shape != mine.shape:
+            continue
+        owner_path, _, leaf = name.rpartition(".")
+        setattr(gm.get_submodule(owner_path) if owner_path else gm, leaf, source)
 
 
 def _tie_lora(unit, source) -> None:

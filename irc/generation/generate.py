@@ -11,8 +11,8 @@
 
 ``model`` is a ``RoutedModel`` (its routed decode graph, ``irc.generation.decoder``)
 or anything with the same stepping interface (``OrtDecoder``: ONNX Runtime).
-The prompt runs through the decode graph with an empty cache (P = 0), then each
-step feeds the T = 1 new token. Batches are left-padded (``attention_mask`` 0 on
+The prompt runs through the decode graph with an empty cache (P = 0; prompts
+shorter than 4 tokens are left-padded to 4), then each step feeds the T = 1 new token. Batches are left-padded (``attention_mask`` 0 on
 the padding); each row stops at end-of-sequence on its own and is then fed its
 last token until every row is done (its outputs are dropped).
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from irc.generation.capture import MIN_CONTEXT
 from irc.generation.sampling import GenerationConfig, next_token
 
 
@@ -84,6 +85,11 @@ def generate(
     stepper = stepper_for(model)
     B = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
+    prompt_tokens = int(mask.sum())
+    if input_ids.shape[1] < MIN_CONTEXT:  # the decode graph needs P + T >= 4: left-pad (never attended)
+        extra = MIN_CONTEXT - input_ids.shape[1]
+        input_ids = torch.cat([input_ids.new_zeros(B, extra), input_ids], dim=1)
+        mask = torch.cat([mask.new_zeros(B, extra), mask], dim=1)
     if eos_token_ids is None:
         eos_token_ids = _eos_ids(model) if config.stop_at_eos else ()
     eos = torch.tensor(list(eos_token_ids) or [-1])
@@ -119,7 +125,7 @@ def generate(
         decode_seconds = time.perf_counter() - start
     return GenerationResult(
         tokens=rows,
-        prompt_tokens=int(attention_mask.sum()) if attention_mask is not None else input_ids.numel(),
+        prompt_tokens=prompt_tokens,
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
         decode_tokens=steps * B,
