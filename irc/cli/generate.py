@@ -66,8 +66,11 @@ def run(args: argparse.Namespace) -> int:
     text = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
     seconds = time.perf_counter() - start
     context = ids.shape[1] + (result.new_tokens - 1) / 2
-    fractions = {k: v for k, v in result.execute_fractions.items()} if routing != "dense" else \
-        {name: 1.0 for name in routed.units}
+    if routing == "dense":  # every unit runs, no router: the dense model's cost
+        result.execute_fraction = 1.0
+        result.execute_fractions = {name: 1.0 for name in routed.units}
+    # ONNX Runtime does not report decisions (n/a): count FLOPs as dense there
+    fractions = {} if routing == "dense" or result.execute_fraction is None else result.execute_fractions
     flops = decode_flops(routed.arch, routed.plan, fractions, context)
     kinds = _by_kind(result.execute_fractions)
     if args.json:

@@ -90,3 +90,20 @@ def test_inspect_json_and_bad_sparsity(tiny_dirs, capsys):
     assert result["flops_per_token"]["routed"] < result["flops_per_token"]["dense"]
     assert main(["inspect", str(tiny_dirs["qwen2"]), "--sparsity", "1.5"]) == 2
     assert "--sparsity must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_generate_on_a_tiny_model(tiny_dirs, capsys):
+    assert main(["generate", str(tiny_dirs["llama"]), "Paris is the capital", "--max-new-tokens", "6",
+                 "--dtype", "fp32", "--stream"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("PASSED generate") and "tokens/s" in out[-1] and "execute 1.000" in out[-1]
+    assert any(line.startswith("FLOPs") for line in out)
+    assert main(["generate", str(tiny_dirs["llama"]), "Paris", "--max-new-tokens", "4", "--dtype", "fp32",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["backend"] == "torch" and len(result["tokens"][0]) >= 1
+
+
+def test_generate_chat_without_template_is_one_line(tiny_dirs):
+    proc = _irc("generate", str(tiny_dirs["llama"]), "hi", "--chat", "--max-new-tokens", "2")
+    assert proc.returncode == 2 and "no chat template" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,274 @@
+"""Export the routed decode step to ONNX (past/present KV), and generate with ONNX Runtime.
+
+One graph serves the prompt and every decode step, as in PyTorch
+(``irc.generation.capture``)::
+
+    decode.onnx(input_ids [B, T], attention_mask [B, P+T], past.{l}.key / past.{l}.value [B, Hkv, P, hd])
+        -> logits [B, T, V], present.{l}.key / present.{l}.value [B, Hkv, P+T, hd]
+
+with P = 0 for the prompt (prompts shorter than 4 tokens left-padded, as
+``generate`` does). Routing in the file:
+
+- ``threshold``: every unit decides per token exactly as in PyTorch, computed
+  branch-free (the unit and the forecaster run on every new token, the decision
+  selects): the same tokens as PyTorch, none of the speed. Skipping work inside
+  ONNX needs the data-dependent sparse path (issue #5) or an ``If`` per unit.
+- ``dense``: every unit runs (the base model with a KV cache).
+
+``portable`` profile (standard ONNX ops), fp32. The export is not done until
+ONNX Runtime has generated from sample prompts (an odd length, a left-padded
+batch) the same tokens as PyTorch, greedy, with logits within ``FP32_ATOL``;
+a mismatch leaves no file. ``OrtDecoder`` runs the file in ``irc.generation.generate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.export import Dim
+
+from irc import __version__
+from irc.errors import UserError
+from irc.exporters.onnx import FP32_ATOL, _translations
+
+ROUTINGS = ("threshold", "dense")
+FILE = "decode.onnx"
+
+
+@dataclass(frozen=True)
+class OnnxDecodeConfig:
+    routing: str = "threshold"
+    profile: str = "portable"
+    opset: int = 18
+    max_batch: int = 64
+    atol: float = FP32_ATOL
+    verify_tokens: int = 8
+
+    def __post_init__(self):
+        if self.routing not in ROUTINGS:
+            raise UserError(f"ONNX decode routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        if self.profile != "portable":
+            raise UserError(f"ONNX decode supports the portable profile only, got {self.profile!r}")
+        if self.verify_tokens < 1:
+            raise UserError(f"verify_tokens must be positive, got {self.verify_tokens}")
+
+
+class _Step(torch.nn.Module):
+    def __init__(self, gm):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, input_ids, attention_mask, *past):
+        return self.gm(input_ids, attention_mask, *past)
+
+
+def _names(n_cache: int) -> tuple[list[str], list[str]]:
+    kinds = ("key", "value")
+    past = [f"past.{i // 2}.{kinds[i % 2]}" for i in range(n_cache)]
+    present = [f"present.{i // 2}.{kinds[i % 2]}" for i in range(n_cache)]
+    return past, present
+
+
+def _routing(decoder, routing: str) -> None:
+    """The decode units in the export's routing: branch-free, no counters."""
+    for unit in decoder.units.values():
+        unit.mode = routing
+        unit.sparse = False
+        unit.record = False
+        unit.keep = None
+
+
+def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDecodeConfig(), *, log=print) -> dict:
+    """Write ``out_dir/decode.onnx`` (+ external data and ``decode.onnx.json``); return the manifest."""
+    from irc.generation.decoder import decoder_for
+
+    if routed.base.dtype != torch.float32:
+        raise UserError(f"ONNX decode export runs in fp32; load the model with dtype fp32 (got {routed.base.dtype})")
+    if routed.plan.kv_policy == "drop" and config.routing == "threshold":
+        raise UserError("ONNX decode export of kv_policy='drop' is not implemented (the dropped keys would be "
+                        "extra cache state); export a kv_policy='keep' model")
+    out_dir = Path(out_dir)
+    decoder = decoder_for(routed)
+    _routing(decoder, config.routing)
+    n_cache = len(decoder.empty_cache(1))
+    past_names, present_names = _names(n_cache)
+    start = time.perf_counter()
+    B, P, T = 2, 5, 3
+    ids = torch.randint(0, routed.arch.vocab, (B, T))
+    mask = torch.ones(B, P + T, dtype=torch.long)
+    past = [torch.randn(B, c.shape[1], P, c.shape[3]) for c in decoder.empty_cache(B)]
+    max_seq = routed.arch.max_positions or 8192
+    batch, seq, past_len = Dim("batch", min=1, max=config.max_batch), Dim("seq", min=1, max=max_seq), \
+        Dim("past", min=0, max=max_seq)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.AUTO},
+               "past": tuple({0: batch, 2: past_len} for _ in past)}
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(_Step(decoder.gm), (ids, mask, *past), dynamic_shapes=dynamic, strict=False,
+                                     prefer_deferred_runtime_asserts_over_guards=True)
+        log(f"captured the routed decode step in {time.perf_counter() - start:.1f}s")
+        start = time.perf_counter()
+        program = torch.onnx.export(ep, dynamo=True, custom_translation_table=_translations(config.profile),
+                                    opset_version=config.opset, verbose=False,
+                                    input_names=["input_ids", "attention_mask", *past_names],
+                                    output_names=["logits", *present_names])
+        log(f"lowered to ONNX opset {config.opset} in {time.perf_counter() - start:.1f}s")
+    finally:
+        decoder.sync()  # back to the prefill units' settings
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".decode.tmp-", dir=out_dir))
+    try:
+        staged = tmp / FILE
+        program.save(str(staged), external_data=True)
+        verification = verify_decode(routed, staged, config)
+        if not verification["passed"]:
+            raise UserError(
+                f"ONNX Runtime decoding does not match PyTorch: tokens equal {verification['tokens_equal']}, "
+                f"max abs logit diff {verification['max_abs_diff']:.3g} (tolerance {config.atol}); no file written")
+        manifest = {
+            "format": "irc-onnx-decode", "irc_version": __version__, "file": FILE,
+            "base": {"source": routed.base.source.given, "weights_sha256": routed.base.weights_sha256},
+            "plan": routed.plan.to_dict(), "routing": config.routing, "profile": config.profile,
+            "opset": config.opset, "dtype": "float32", "routing_sha256": routing_digest(routed),
+            "inputs": ["input_ids", "attention_mask", *past_names], "outputs": ["logits", *present_names],
+            "cache": {"tensors": n_cache, "kv_heads": int(past[0].shape[1]), "head_dim": int(past[0].shape[3])},
+            "min_context": 4, "verification": verification, "config": asdict(config),
+        }
+        (tmp / f"{FILE}.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        for f in sorted(tmp.iterdir()):  # data first, the .onnx last
+            if f.name != FILE:
+                os.replace(f, out_dir / f.name)
+        os.replace(staged, out_dir / FILE)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def sample_prompts(vocab: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """An odd-length prompt, and a left-padded batch of two."""
+    from irc.generation import left_pad
+
+    g = torch.Generator().manual_seed(seed)
+    one = torch.randint(0, vocab, (1, 7), generator=g)
+    rows = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 11)]
+    return [(one, torch.ones_like(one)), left_pad(rows, pad_id=0)]
+
+
+def verify_decode(routed, path: Path, config: OnnxDecodeConfig) -> dict:
+    """Greedy generation through ONNX Runtime against PyTorch: the same tokens, close logits."""
+    import onnxruntime as ort
+
+    from irc.generation import GenerationConfig, generate
+    from irc.generation.decoder import decoder_for
+
+    ort_decoder = OrtDecoder(path)
+    decoder = decoder_for(routed)
+    saved = {name: (u.mode, u.sparse) for name, u in decoder.units.items()}
+    gen = GenerationConfig(max_new_tokens=config.verify_tokens, stop_at_eos=False)
+    worst, equal, cases = 0.0, True, []
+    try:
+        for unit in decoder.units.values():
+            unit.mode = config.routing
+        for ids, mask in sample_prompts(routed.arch.vocab, seed=1):
+            want = generate(decoder, ids, mask, gen)
+            got = generate(ort_decoder, ids, mask, gen)
+            same = want.tokens == got.tokens
+            # logits of the prompt and of one decode step, along PyTorch's tokens
+            diff = _logit_diff(decoder, ort_decoder, ids, mask, want.tokens)
+            worst, equal = max(worst, diff), equal and same
+            cases.append({"shape": list(ids.shape), "padded": bool((mask == 0).any()), "tokens_equal": same,
+                          "max_abs_diff": diff})
+    finally:
+        for name, unit in decoder.units.items():
+            unit.mode, unit.sparse = saved[name]
+    return {"passed": equal and worst <= config.atol, "tokens_equal": equal, "max_abs_diff": worst,
+            "atol": config.atol, "cases": cases, "onnxruntime": ort.__version__}
+
+
+def _logit_diff(decoder, ort_decoder, ids, mask, tokens) -> float:
+    B = ids.shape[0]
+    with torch.no_grad():
+        a, pa = decoder.step(ids, mask, decoder.empty_cache(B))
+        b, pb = ort_decoder.step(ids, mask, ort_decoder.empty_cache(B))
+        real = mask.bool()
+        worst = float((a.float() - b)[real].abs().max())
+        nxt = torch.tensor([[r[0]] for r in tokens])
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+        a, _ = decoder.step(nxt, mask, pa)
+        b, _ = ort_decoder.step(nxt, mask, pb)
+    return max(worst, float((a.float() - b).abs().max()))
+
+
+class OrtDecoder:
+    """``decode.onnx`` behind the stepping interface of ``irc.generation.decoder.Decoder``."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        self.path = path / FILE if path.is_dir() else path
+        if not self.path.is_file():
+            raise UserError(f"no ONNX decode export at {self.path}")
+        manifest = self.path.with_name(self.path.name + ".json")
+        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        self.session = ort.InferenceSession(str(self.path), providers=providers or ["CPUExecutionProvider"])
+        inputs = self.session.get_inputs()
+        self.cache_names = [i.name for i in inputs[2:]]
+        self.kv_heads, self.head_dim = inputs[2].shape[1], inputs[2].shape[3]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.cache_names]
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: list):
+        feeds = {"input_ids": input_ids.numpy().astype(np.int64),
+                 "attention_mask": attention_mask.numpy().astype(np.int64)}
+        feeds.update(zip(self.cache_names, past, strict=True))
+        logits, *present = self.session.run(self.output_names, feeds)
+        return torch.from_numpy(logits), present
+
+    def reset_stats(self) -> None:
+        pass
+
+    def execute_fraction(self) -> float | None:
+        return None  # the file does not report its routing decisions
+
+    def execute_fractions(self) -> dict:
+        return {}
+
+
+def routing_digest(routed) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(routed.routing_state().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_or_export_decode(routed, onnx_dir: str | Path | None, config: OnnxDecodeConfig, *, log=print) -> OrtDecoder:
+    """The ONNX decode export of ``routed`` in ``onnx_dir`` (default: the irc cache), exported if missing."""
+    from irc.cache import cache_dir
+
+    digest = routing_digest(routed)
+    if onnx_dir is None:
+        key = hashlib.sha256(f"{routed.base.weights_sha256}{digest}{routed.plan.to_dict()}{config}".encode())
+        onnx_dir = cache_dir("onnx-decode", key.hexdigest()[:16])
+    onnx_dir = Path(onnx_dir)
+    manifest = onnx_dir / f"{FILE}.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        if m.get("routing_sha256") == digest and m.get("routing") == config.routing:
+            log(f"onnx        reusing {onnx_dir / FILE} (verified at export)")
+            return OrtDecoder(onnx_dir)
+    log(f"onnx        exporting the decode step to {onnx_dir / FILE} (once)")
+    export_decode(routed, onnx_dir, config, log=log)
+    return OrtDecoder(onnx_dir)
