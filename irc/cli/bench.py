@@ -27,6 +27,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--data", default="wiki:heldout", help="text the inputs are cut from (default wiki:heldout)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory measurement (a fresh process per side)")
     p.add_argument("--onnx-dir", help="where the ONNX files live (default OUT/onnx)")
     p.add_argument("--out", help="write OUT_STEM.json and OUT_STEM.md")
     p.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seq-lens must be comma-separated integers, got {args.seq_lens!r}") from None
     config = SpeedConfig(seq_lens=seq_lens, batch=args.batch, routing=args.routing, capacity=args.capacity,
                          dtype=args.dtype, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-                         data=args.data)
+                         data=args.data, memory=not args.no_memory)
     start = time.perf_counter()
     log = (lambda line: print(line, file=sys.stderr)) if args.json else info
     result = bench_speed(args.model, args.backend, config, onnx_dir=args.onnx_dir, log=log)

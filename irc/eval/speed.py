@@ -4,8 +4,8 @@
 the routed model on the same real text (windows of the held-out wiki corpus,
 since routing decisions depend on content), interleaving the two so that
 machine noise hits both alike, and reports the median tokens/s, the speedup,
-the range of per-pair speedups, the peak memory each needed (sampled RSS over
-the timed runs on the CPU) and the execute fraction the routed model reached.
+the range of per-pair speedups, the peak memory each forward needed (in a fresh
+process per side: sampled RSS above the RSS after loading) and the execute fraction the routed model reached.
 
 - ``torch``: dense is the base model's captured graph; routed is the routed
   graph in threshold routing (the calibrated decisions) or capacity routing.
@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 from irc.errors import UserError
-from irc.eval.memory import RssPeak
 
 BENCH_BACKENDS = ("torch", "ort")
 
@@ -45,6 +44,7 @@ class SpeedConfig:
     repeats: int = 5
     threads: int | None = None
     data: str = "wiki:heldout"  # the text the inputs are cut from (a corpus spec, as irc eval --data)
+    memory: bool = True  # peak memory per side, measured in a fresh process each
 
     def __post_init__(self):
         if not self.seq_lens or min(self.seq_lens) < 1:
@@ -87,16 +87,14 @@ def _interleaved(dense, routed, ids, mask, warmup: int, repeats: int) -> dict:
         dense(ids, mask)
         routed(ids, mask)
     td, tr = [], []
-    with RssPeak() as mem_dense:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            dense(ids, mask)
-            td.append(time.perf_counter() - start)
-    with RssPeak() as mem_routed:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            routed(ids, mask)
-            tr.append(time.perf_counter() - start)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dense(ids, mask)
+        td.append(time.perf_counter() - start)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        routed(ids, mask)
+        tr.append(time.perf_counter() - start)
     # a second, interleaved set: pairs run back to back, so noise hits both sides of a pair alike
     for _ in range(repeats):
         start = time.perf_counter()
@@ -108,8 +106,7 @@ def _interleaved(dense, routed, ids, mask, warmup: int, repeats: int) -> dict:
     pairs = sorted(a / b for a, b in zip(td[repeats:], tr[repeats:], strict=True))
     d, r = statistics.median(td), statistics.median(tr)
     return {"dense_ms": d * 1e3, "routed_ms": r * 1e3, "speedup": d / r,
-            "speedup_pair_min": pairs[0], "speedup_pair_max": pairs[-1],
-            "dense_peak_extra_mb": mem_dense.extra_mb, "routed_peak_extra_mb": mem_routed.extra_mb}
+            "speedup_pair_min": pairs[0], "speedup_pair_max": pairs[-1]}
 
 
 def _execute_fraction(routed, ids, mask) -> float | None:
@@ -124,11 +121,10 @@ def _execute_fraction(routed, ids, mask) -> float | None:
 
 
 def _onnx_pair(routed, routed_dir: Path, config: SpeedConfig, onnx_dir: Path, log):
-    """dense.onnx and <routing>.onnx for ``routed`` (fp32), exported unless already there and current."""
+    """Paths of dense.onnx and <routing>.onnx for ``routed`` (fp32), exported unless there and current."""
     from irc.exporters.onnx import OnnxExportConfig, export_onnx
-    from irc.exporters.onnx_runtime import OnnxModel
 
-    models = {}
+    paths = {}
     for name, routing in (("dense", "dense"), ("routed", config.routing)):
         path = onnx_dir / f"{routing}.onnx" if routing != "capacity" else \
             onnx_dir / f"capacity-{config.capacity}.onnx"
@@ -145,8 +141,8 @@ def _onnx_pair(routed, routed_dir: Path, config: SpeedConfig, onnx_dir: Path, lo
             m = json.loads(manifest.read_text())
             m["routing_weights_sha256"] = _routing_sha(routed_dir)
             manifest.write_text(json.dumps(m, indent=2) + "\n")
-        models[name] = OnnxModel(path)
-    return models["dense"], models["routed"]
+        paths[name] = path
+    return paths["dense"], paths["routed"]
 
 
 def _routing_sha(routed_dir: Path) -> str:
@@ -158,7 +154,6 @@ def _routing_sha(routed_dir: Path) -> str:
 def bench_speed(routed_dir: str | Path, backend: str = "torch", config: SpeedConfig = SpeedConfig(), *,
                 onnx_dir: str | Path | None = None, log=print) -> SpeedResult:
     import irc
-    from irc.capture import capture
     from irc.routing import is_routed_dir
 
     routed_dir = Path(routed_dir)
@@ -175,12 +170,11 @@ def bench_speed(routed_dir: str | Path, backend: str = "torch", config: SpeedCon
         from dataclasses import replace
 
         config = replace(config, capacity=1.0 - (trained or 0.0))
-    if backend == "torch":
-        dense_gm = capture(routed.base.model).gm
-        dense = lambda ids, mask: dense_gm(ids, mask)  # noqa: E731
-        routed_call = routed
-    else:
-        dense, routed_call = _onnx_pair(routed, routed_dir, config, Path(onnx_dir or routed_dir / "onnx"), log)
+    onnx_paths = None
+    if backend == "ort":
+        onnx_paths = _onnx_pair(routed, routed_dir, config, Path(onnx_dir or routed_dir / "onnx"), log)
+    dense = open_side(routed_dir, backend, "dense", config, onnx_paths, routed=routed)
+    routed_call = open_side(routed_dir, backend, "routed", config, onnx_paths, routed=routed)
     routed.set_routing(config.routing, capacity=config.capacity, record=False)
     result = SpeedResult(str(routed_dir), backend, config, meta={
         "trained_sparsity": trained, "dtype": dtype, "torch": torch.__version__,
@@ -190,8 +184,10 @@ def bench_speed(routed_dir: str | Path, backend: str = "torch", config: SpeedCon
         import onnxruntime as ort
 
         result.meta["onnxruntime"] = ort.__version__
+    inputs = {T: text_inputs(routed.base.tokenizer, config.batch, T, config.data)[0] for T in config.seq_lens}
     for T in config.seq_lens:
-        ids, mask = text_inputs(routed.base.tokenizer, config.batch, T, config.data)
+        ids = inputs[T]
+        mask = torch.ones_like(ids)
         fraction = _execute_fraction(routed, ids, mask)
         routed.set_routing(config.routing, capacity=config.capacity, record=False)
         with torch.inference_mode():
@@ -203,7 +199,86 @@ def bench_speed(routed_dir: str | Path, backend: str = "torch", config: SpeedCon
         log(f"T={T:5d} B={config.batch}: dense {row['dense_ms']:8.1f} ms  routed {row['routed_ms']:8.1f} ms  "
             f"speedup {row['speedup']:.2f}x [{row['speedup_pair_min']:.2f}-{row['speedup_pair_max']:.2f}]  "
             f"executed {fraction:.3f}")
+    if config.memory:
+        for side in ("dense", "routed"):
+            log(f"peak memory of {side} in a fresh process ...")
+            peaks = memory_profile(routed_dir, backend, side, config, onnx_paths, inputs)
+            for row in result.rows:
+                row[f"{side}_peak_extra_mb"] = peaks[str(row["seq_len"])]
     return result
+
+
+def open_side(routed_dir: Path, backend: str, side: str, config: SpeedConfig, onnx_paths=None, *, routed=None):
+    """The dense or routed model as an ``(ids, mask) -> logits`` callable on ``backend``."""
+    if backend == "ort":
+        from irc.exporters.onnx_runtime import OnnxModel
+
+        return OnnxModel(onnx_paths[0 if side == "dense" else 1])
+    if routed is None:
+        import irc
+
+        routed = irc.load(routed_dir, dtype=config.dtype)
+    if side == "dense":
+        from irc.capture import capture
+
+        return capture(routed.base.model).gm
+    routed.set_routing(config.routing, capacity=config.capacity, record=False)
+    return routed
+
+
+def memory_profile(routed_dir: Path, backend: str, side: str, config: SpeedConfig, onnx_paths,
+                   inputs: dict[int, torch.Tensor]) -> dict:
+    """Peak RSS of one forward per length, above the RSS after loading, in a fresh process.
+
+    In the benchmarking process both models and their allocators' caches share one
+    RSS, which cannot tell what each forward needs; a fresh process loads one side and
+    runs the lengths in increasing order (the allocator reuses what a shorter one freed).
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="irc-bench-") as tmp:
+        ids_path = Path(tmp) / "inputs.pt"
+        torch.save({str(T): ids for T, ids in inputs.items()}, ids_path)
+        spec = {"routed_dir": str(routed_dir), "backend": backend, "side": side, "config": asdict(config),
+                "onnx_paths": [str(p) for p in onnx_paths] if onnx_paths else None, "inputs": str(ids_path)}
+        done = subprocess.run([sys.executable, "-m", "irc.eval.speed", json.dumps(spec)],
+                              capture_output=True, text=True, env={**os.environ, "IRC_PROGRESS": "0"})
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement of {side} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _memory_main(spec: dict) -> dict:
+    from irc.eval.memory import RssPeak
+
+    config = SpeedConfig(**{**spec["config"], "seq_lens": tuple(spec["config"]["seq_lens"])})
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    paths = [Path(p) for p in spec["onnx_paths"]] if spec["onnx_paths"] else None
+    model = open_side(Path(spec["routed_dir"]), spec["backend"], spec["side"], config, paths)
+    inputs = torch.load(spec["inputs"])
+    peaks = {}
+    with torch.inference_mode():
+        base = RssPeak._rss_mb()
+        for T in sorted(inputs, key=int):
+            with RssPeak() as mem:
+                model(inputs[T], torch.ones_like(inputs[T]))
+            peaks[T] = max(mem.peak_mb - base, 0.0)
+    return peaks
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(_memory_main(json.loads(sys.argv[1]))))
+
+
+def _mb(row: dict, side: str) -> str:
+    value = row.get(f"{side}_peak_extra_mb")
+    return "—" if value is None else f"{value:,.0f}"
 
 
 def markdown_table(result: SpeedResult) -> list[str]:
@@ -213,6 +288,5 @@ def markdown_table(result: SpeedResult) -> list[str]:
     for r in result.rows:
         lines.append(f"| {r['seq_len']} | {r['batch']} | {r['dense_tok_s']:,.0f} | {r['routed_tok_s']:,.0f} | "
                      f"{r['speedup']:.2f}× | {r['speedup_pair_min']:.2f}–{r['speedup_pair_max']:.2f}× | "
-                     f"{r['execute_fraction']:.3f} | {r['dense_peak_extra_mb']:.0f} | "
-                     f"{r['routed_peak_extra_mb']:.0f} |")
+                     f"{r['execute_fraction']:.3f} | {_mb(r, 'dense')} | {_mb(r, 'routed')} |")
     return lines

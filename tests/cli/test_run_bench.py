@@ -65,6 +65,7 @@ def test_bench_reports_both_sides(routed_dir, text, tmp_path, backend, capsys):
         assert row["speedup"] == pytest.approx(row["dense_ms"] / row["routed_ms"])
         assert row["speedup_pair_min"] <= row["speedup_pair_max"]
         assert 0 < row["execute_fraction"] < 1  # the random routers really split the tokens
+        assert row["dense_peak_extra_mb"] >= 0 and row["routed_peak_extra_mb"] >= 0
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == result["rows"]
     assert "| 40 | 2 |" in out.with_suffix(".md").read_text()
     if backend == "ort":
