@@ -1,0 +1,136 @@
+"""Decode tokens/s of a routed model, dense vs routed, with PyTorch and ONNX Runtime.
+
+For each backend and batch size: a prompt of --prompt-len real tokens per row
+(consecutive windows of the wiki held-out split), then --new-tokens greedy
+tokens (end-of-sequence ignored, so every run decodes the same count). Decode
+tokens/s counts the tokens produced by decode steps (B per step) over the time
+of the decode steps; prefill is timed apart. Dense is the same routed graph in
+``dense`` mode (every unit runs, no router), routed is ``threshold`` routing.
+Runs interleave dense and routed; each figure is the median of --repeats runs
+after one warm-up run. PyTorch runs in --dtype (bf16 by default); ONNX Runtime
+in fp32 (the decode export's precision; its threshold file routes branch-free,
+so it computes every unit: expect no speed-up there).
+
+    .venv/bin/python bench/decode_speed.py --model runs/smollm2-s25   # docs/results/decode_speed.{md,json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import irc  # noqa: E402
+from irc.generation import GenerationConfig, generate  # noqa: E402
+
+
+def prompts(tokenizer, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from irc.data import load_corpus, token_stream
+
+    stream = token_stream(load_corpus("wiki:heldout"), tokenizer, "none")
+    if len(stream) < batch * length:
+        raise SystemExit(f"the corpus has {len(stream)} tokens, fewer than {batch}×{length}")
+    ids = torch.as_tensor(stream[: batch * length].astype("int64")).view(batch, length)
+    return ids, torch.ones_like(ids)
+
+
+def run_once(model, ids, mask, new_tokens: int) -> dict:
+    result = generate(model, ids, mask, GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False))
+    return {"tokens_per_s": result.tokens_per_s, "prefill_s": result.prefill_seconds,
+            "execute_fraction": result.execute_fraction}
+
+
+def bench_backend(backend: str, args, command: str) -> list[dict]:
+    dtype = args.dtype if backend == "torch" else "fp32"
+    routed = irc.load(args.model, dtype=dtype)
+    models = {}
+    for mode in ("dense", "threshold"):
+        if backend == "torch":
+            models[mode] = routed
+        else:
+            from irc.exporters.onnx_decode import OnnxDecodeConfig, load_or_export_decode
+
+            routed.set_routing(mode)
+            models[mode] = load_or_export_decode(routed, None, OnnxDecodeConfig(routing=mode),
+                                                 log=lambda line: print(line, file=sys.stderr))
+    rows = []
+    for batch in args.batch:
+        ids, mask = prompts(routed.tokenizer, batch, args.prompt_len)
+        runs: dict[str, list[dict]] = {"dense": [], "threshold": []}
+        for repeat in range(args.repeats + 1):  # the first is a warm-up
+            for mode in ("dense", "threshold"):
+                routed.set_routing(mode, record=True)
+                r = run_once(models[mode], ids, mask, args.new_tokens)
+                if repeat:
+                    runs[mode].append(r)
+        med = {m: statistics.median(r["tokens_per_s"] for r in rs) for m, rs in runs.items()}
+        row = {"backend": backend, "dtype": dtype, "batch": batch, "prompt_len": args.prompt_len,
+               "new_tokens": args.new_tokens, "dense_tokens_per_s": med["dense"],
+               "routed_tokens_per_s": med["threshold"], "speedup": med["threshold"] / med["dense"],
+               "execute_fraction": runs["threshold"][-1]["execute_fraction"],
+               "dense_runs": [r["tokens_per_s"] for r in runs["dense"]],
+               "routed_runs": [r["tokens_per_s"] for r in runs["threshold"]], "command": command}
+        print(f"{backend:5s} B={batch}: dense {med['dense']:.1f} tok/s, routed {med['threshold']:.1f} tok/s "
+              f"({row['speedup']:.2f}×), execute {row['execute_fraction']}", file=sys.stderr)
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="runs/smollm2-s25", help="routed model directory")
+    p.add_argument("--dtype", default="bf16", help="PyTorch precision")
+    p.add_argument("--backends", default="torch,ort")
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--out", default=str(ROOT / "docs/results/decode_speed"))
+    args = p.parse_args()
+    args.batch = [int(b) for b in args.batch.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = ".venv/bin/python bench/decode_speed.py " + shlex.join(sys.argv[1:])
+    rows = []
+    for backend in args.backends.split(","):
+        rows += bench_backend(backend, args, command)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": platform.platform(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "model": args.model}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [
+        "# Decode speed: dense vs routed",
+        "",
+        f"Model `{args.model}`, {args.prompt_len}-token prompt per row (wiki held-out), {args.new_tokens} new "
+        f"tokens, greedy; decode tokens/s = tokens from decode steps (B per step) / decode time; median of "
+        f"{args.repeats} interleaved runs after a warm-up. torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, {meta['date']}. Generated by `bench/decode_speed.py`; the command is beside every figure.",
+        "",
+        "| backend | dtype | B | dense tok/s | routed tok/s | speed-up | execute fraction | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        e = "n/a" if r["execute_fraction"] is None else f"{r['execute_fraction']:.3f}"
+        lines.append(f"| {r['backend']} | {r['dtype']} | {r['batch']} | {r['dense_tokens_per_s']:.1f} | "
+                     f"{r['routed_tokens_per_s']:.1f} | {r['speedup']:.2f}× | {e} | `{r['command']}` |")
+    lines += ["", "ONNX Runtime rows: the threshold file routes branch-free (every unit computed, the decision "
+              "selects), so they show the routing overhead, not a speed-up; its decisions are not reported (n/a)."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out.with_suffix('.md')} and .json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
