@@ -59,8 +59,8 @@ def _write(out: Path, command: str, args, results, wall: float) -> None:
         f"Routed model `{args.model}` (trained for sparsity {first.get('trained_sparsity')}); inputs are "
         "windows of the held-out wiki text. Dense and routed run the same inputs; the medians are over "
         f"{args.repeats} grouped plus {args.repeats} interleaved runs per side, the pair range over the "
-        "interleaved ones. Peak extra MB is the sampled RSS peak over the timed runs minus the RSS before "
-        f"them. Machine: {first.get('machine')}, {first.get('threads')} threads.",
+        "interleaved ones. Peak extra MB: the sampled RSS peak of one forward in a fresh process per "
+        "side, above that process's RSS after loading (lengths in increasing order). Machine: {first.get('machine')}, {first.get('threads')} threads.",
         "",
         f"Command: `{data['command']}` (wall time {wall:.0f} s)",
     ]
