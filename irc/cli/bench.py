@@ -16,7 +16,8 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("model", help="routed model directory (from irc convert)")
     p.add_argument("--backend", default="torch", choices=["torch", "ort", "trt"],
-                   help="torch (PyTorch eager), ort (ONNX Runtime, CPU) or trt (TensorRT engines)")
+                   help="torch (PyTorch eager), ort (ONNX Runtime, CPU) or trt (TensorRT engines built from "
+                   "trt-profile exports; needs the trt extra and an NVIDIA GPU)")
     p.add_argument("--seq-lens", default="128,512,1024,2048", help="comma-separated lengths")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--routing", default="threshold", choices=["threshold", "capacity"],
@@ -44,12 +45,6 @@ def run(args: argparse.Namespace) -> int:
     from irc.errors import UserError
     from irc.eval.speed import SpeedConfig, bench_speed, markdown_table
 
-    if args.backend == "trt":
-        from irc.exporters.tensorrt import _import_tensorrt
-
-        _import_tensorrt()  # the one-line install message where TensorRT is absent
-        raise UserError("irc bench --backend trt: build engines with `irc export trt` and time them with "
-                        "`irc eval model.engine`; a side-by-side engine bench is not built yet")
     try:
         seq_lens = tuple(int(s) for s in args.seq_lens.split(",") if s.strip())
     except ValueError:

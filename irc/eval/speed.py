@@ -13,6 +13,9 @@ process per side: sampled RSS above the RSS after loading) and the execute fract
   made on first use into ``onnx_dir`` (default ``OUT/onnx``) and reused while
   their manifests match the routed model; the execute fraction is PyTorch's on
   the same inputs (the export is verified to route identically).
+- ``trt``: TensorRT engines built (``irc export trt``) from ``trt``-profile
+  exports of both, with one profile up to the longest length and the batch;
+  inputs go to the GPU. Needs the ``trt`` extra and an NVIDIA GPU.
 
 Legend: B batch, T tokens.
 """
@@ -30,7 +33,7 @@ import torch
 
 from irc.errors import UserError
 
-BENCH_BACKENDS = ("torch", "ort")
+BENCH_BACKENDS = ("torch", "ort", "trt")
 
 
 @dataclass(frozen=True)
@@ -120,29 +123,48 @@ def _execute_fraction(routed, ids, mask) -> float | None:
     return executed / tokens if tokens else None
 
 
-def _onnx_pair(routed, routed_dir: Path, config: SpeedConfig, onnx_dir: Path, log):
-    """Paths of dense.onnx and <routing>.onnx for ``routed`` (fp32), exported unless there and current."""
+def _onnx_pair(routed, routed_dir: Path, config: SpeedConfig, onnx_dir: Path, log, profile: str = "portable"):
+    """Paths of the dense and routed ONNX files for ``routed`` (fp32), exported unless there and current."""
     from irc.exporters.onnx import OnnxExportConfig, export_onnx
 
     paths = {}
+    prefix = "" if profile == "portable" else f"{profile}-"
     for name, routing in (("dense", "dense"), ("routed", config.routing)):
-        path = onnx_dir / f"{routing}.onnx" if routing != "capacity" else \
-            onnx_dir / f"capacity-{config.capacity}.onnx"
+        stem = routing if routing != "capacity" else f"capacity-{config.capacity}"
+        path = onnx_dir / f"{prefix}{stem}.onnx"
         manifest = path.with_name(path.name + ".json")
         current = False
         if path.is_file() and manifest.is_file():
             m = json.loads(manifest.read_text())
             current = (m.get("base", {}).get("weights_sha256") == routed.base.weights_sha256
                        and m.get("plan") == routed.plan.to_dict() and m.get("routing") == routing
+                       and m.get("profile", "portable") == profile
                        and m.get("routing_weights_sha256") == _routing_sha(routed_dir))
         if not current:
             log(f"exporting {routing} ONNX to {path} (once; reused while the routed model is unchanged)")
-            export_onnx(routed, path, OnnxExportConfig(routing=routing, capacity=config.capacity), log=log)
+            export_onnx(routed, path, OnnxExportConfig(routing=routing, capacity=config.capacity, profile=profile),
+                        log=log)
             m = json.loads(manifest.read_text())
             m["routing_weights_sha256"] = _routing_sha(routed_dir)
             manifest.write_text(json.dumps(m, indent=2) + "\n")
         paths[name] = path
     return paths["dense"], paths["routed"]
+
+
+def _engine_pair(routed, routed_dir: Path, config: SpeedConfig, onnx_dir: Path, log):
+    """Engines for the dense and routed ``trt``-profile exports, built unless already there."""
+    from irc.exporters.tensorrt import EngineBuildConfig, build_engine
+
+    longest = max(config.seq_lens)
+    build = EngineBuildConfig(max_seq=longest, opt_seq=longest, max_batch=config.batch, opt_batch=config.batch)
+    engines = []
+    for onnx_path in _onnx_pair(routed, routed_dir, config, onnx_dir, log, profile="trt"):
+        engine = onnx_path.with_name(f"{onnx_path.stem}-b{config.batch}-t{longest}.engine")
+        if not engine.is_file() or engine.stat().st_mtime < onnx_path.stat().st_mtime:
+            log(f"building {engine}")
+            build_engine(onnx_path, engine, build, log=log)
+        engines.append(engine)
+    return tuple(engines)
 
 
 def _routing_sha(routed_dir: Path) -> str:
@@ -164,6 +186,10 @@ def bench_speed(routed_dir: str | Path, backend: str = "torch", config: SpeedCon
     if config.threads:
         torch.set_num_threads(config.threads)
     dtype = config.dtype if backend == "torch" else "fp32"
+    if backend == "trt":
+        from irc.exporters.tensorrt import _import_tensorrt
+
+        _import_tensorrt()
     routed = irc.load(routed_dir, dtype=dtype)
     trained = routed.records.get("training", {}).get("sparsity")
     if config.routing == "capacity" and config.capacity is None:
@@ -171,7 +197,13 @@ def bench_speed(routed_dir: str | Path, backend: str = "torch", config: SpeedCon
 
         config = replace(config, capacity=1.0 - (trained or 0.0))
     onnx_paths = None
-    if backend == "ort":
+    if backend == "trt":
+        from irc.exporters.tensorrt import _import_tensorrt, _require_cuda
+
+        _import_tensorrt()  # the one-line install message, before any export work
+        _require_cuda()
+        onnx_paths = _engine_pair(routed, routed_dir, config, Path(onnx_dir or routed_dir / "onnx"), log)
+    elif backend == "ort":
         onnx_paths = _onnx_pair(routed, routed_dir, config, Path(onnx_dir or routed_dir / "onnx"), log)
     dense = open_side(routed_dir, backend, "dense", config, onnx_paths, routed=routed)
     routed_call = open_side(routed_dir, backend, "routed", config, onnx_paths, routed=routed)
@@ -199,7 +231,9 @@ def bench_speed(routed_dir: str | Path, backend: str = "torch", config: SpeedCon
         log(f"T={T:5d} B={config.batch}: dense {row['dense_ms']:8.1f} ms  routed {row['routed_ms']:8.1f} ms  "
             f"speedup {row['speedup']:.2f}x [{row['speedup_pair_min']:.2f}-{row['speedup_pair_max']:.2f}]  "
             f"executed {fraction:.3f}")
-    if config.memory:
+    if config.memory and backend == "trt":
+        log("peak memory is not measured for engines (TensorRT allocates outside this process's RSS view)")
+    elif config.memory:
         for side in ("dense", "routed"):
             log(f"peak memory of {side} in a fresh process ...")
             peaks = memory_profile(routed_dir, backend, side, config, onnx_paths, inputs)
@@ -214,6 +248,17 @@ def open_side(routed_dir: Path, backend: str, side: str, config: SpeedConfig, on
         from irc.exporters.onnx_runtime import OnnxModel
 
         return OnnxModel(onnx_paths[0 if side == "dense" else 1])
+    if backend == "trt":
+        from irc.exporters.tensorrt import Engine
+
+        engine = Engine(onnx_paths[0 if side == "dense" else 1])
+
+        def run(ids, mask):
+            logits = engine(ids.cuda(), mask.cuda())  # stays on the GPU
+            torch.cuda.synchronize()
+            return logits
+
+        return run
     if routed is None:
         import irc
 

@@ -77,6 +77,17 @@ def test_bench_reports_both_sides(routed_dir, text, tmp_path, backend, capsys):
         assert (tmp_path / "onnx" / "threshold.onnx").stat().st_mtime_ns == stamp
 
 
+def test_bench_on_tensorrt_says_how_to_install(routed_dir, capsys):
+    pytest.importorskip("irc.exporters.tensorrt")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    assert main(["bench", str(routed_dir), "--backend", "trt", "--seq-lens", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'irc[trt]'" in err[0]
+
+
 def test_bench_bad_arguments(routed_dir, capsys):
     assert main(["bench", str(routed_dir), "--seq-lens", "a,b"]) == 2
     assert "--seq-lens must be" in capsys.readouterr().err
