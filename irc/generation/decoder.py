@@ -26,6 +26,7 @@ from torch.fx import GraphModule
 
 from irc.errors import UserError
 from irc.generation.capture import cache_shape, capture_decode, empty_cache
+from irc.nn.cached_unit import StepHint
 from irc.passes.drop_noop_conversions import drop_noop_conversions
 from irc.passes.pipeline import run_passes
 from irc.passes.route_decoder_blocks import route_decoder_blocks, routed_modules
@@ -72,8 +73,24 @@ class Decoder:
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: list[torch.Tensor]):
         """Logits ``[B, T, V]`` of the T new tokens and the present cache (past + T tokens)."""
-        logits, *present = self.gm(input_ids, attention_mask, *past)
+        hint = None
+        if tuple(input_ids.shape) == (1, 1):  # one token at batch 1: tell every unit once
+            row = attention_mask[0] != 0  # [P + 1]
+            hint = StepHint(mask_len=row.shape[0], real=bool(row[-1]), real_before=int(row[:-1].sum()))
+        units = self._unit_list()
+        for unit in units:
+            unit.step_hint = hint
+        try:
+            logits, *present = self.gm(input_ids, attention_mask, *past)
+        finally:
+            for unit in units:
+                unit.step_hint = None
         return logits, present
+
+    def _unit_list(self) -> list:
+        if getattr(self, "_units", None) is None:
+            self._units = list(self.units.values())
+        return self._units
 
 
 def decoder_for(routed) -> Decoder:

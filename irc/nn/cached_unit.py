@@ -19,7 +19,11 @@ every new token exactly as prefill of the whole sequence routes it there:
 
 Fast paths, no gathers or scatters: a step where every token executes runs the
 unit as captured; a step where none does runs only the forecaster (attention:
-and the kv part). At batch 1 and T = 1 every step takes one of the two.
+and the kv part). At batch 1 and T = 1 every step takes one of the two, and the
+decoder hands every unit a ``StepHint`` (is the new token real, how many real
+tokens precede it), so a unit's routing work is its router, one margin and one
+Python branch (``_one_token``): the decode step's cost is dominated by the
+number of ops, not their size.
 
 The routers, forecasters and thresholds are the prefill units' own modules and
 tensors (``irc.generation.decoder`` ties them), so there is one set of weights.
@@ -29,11 +33,23 @@ Legend: B batch, T new tokens, P past tokens, K executed tokens (Kmax: most in o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from irc.nn.routed_unit import RoutedUnit
 from irc.nn.tokens import row_layout, sink_mask
 from irc.ops import token_gather
+
+
+@dataclass(frozen=True)
+class StepHint:
+    """Facts about a batch-1, one-new-token step that every unit would otherwise recompute."""
+
+    mask_len: int  # P + 1: the hint belongs to the call whose attention_mask has this length
+    real: bool  # the new token is a real token (not padding)
+    real_before: int  # real tokens before it: it is a sink iff real_before < n_sink
 
 
 class CachedRoutedUnit(RoutedUnit):
@@ -43,8 +59,14 @@ class CachedRoutedUnit(RoutedUnit):
         super().__init__(**kwargs)
         # kv_policy="drop": which past tokens are keys of this layer, [B, P] (None: all of them)
         self.keep: torch.Tensor | None = None
+        self.step_hint: StepHint | None = None  # set by the decoder around each batch-1 step
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *extras):
+        hint = self.step_hint
+        if (hint is not None and hint.real and self.mode == "threshold" and self.sparse
+                and self.kv_policy == "keep" and x.shape[0] == 1 and x.shape[1] == 1
+                and attention_mask.shape[1] == hint.mask_len):
+            return self._one_token(x, extras, hint)
         T = x.shape[1]
         full = attention_mask.bool()  # [B, P+T]
         pad = full[:, full.shape[1] - T:]  # [B, T], True on real new tokens
@@ -76,6 +98,32 @@ class CachedRoutedUnit(RoutedUnit):
             return self._with_cache(self._approximate(a, pad), cache)
         rows, u = self._cached_query(a, extras, execute, k, v, keep)
         return self._with_cache(self._assemble(a, rows, u, pad & ~execute), cache)
+
+    def _one_token(self, x, extras, hint: StepHint):
+        """Threshold routing of one real new token at batch 1: the decision is one Python bool."""
+        a = self.norm(x)  # [1, 1, D]
+        exec_logit, approx_logit = self.router.logits(a).view(2).tolist()  # fp32 values, one op
+        # _decide's fp32 ops, (exec − approx) − θ, in numpy float32: the same IEEE roundings
+        margin = (np.float32(exec_logit) - np.float32(approx_logit)) - self._threshold_f32()
+        execute = hint.real_before < self.n_sink or bool(margin >= 0)
+        if self.record:
+            self.executed += int(execute)
+            self.tokens += 1
+        if execute:
+            return self.body(*self._args(self.body_roles, a, extras))
+        forecast = self.forecaster(a) if self.forecaster is not None else torch.zeros_like(a)
+        if self.kind == "mlp":
+            return forecast
+        k, v, *cache = self.kv(*self._args(self.kv_roles, a, extras))  # the token's keys and values
+        return self._with_cache(forecast, cache)
+
+    def _threshold_f32(self) -> np.float32:
+        """θ as a numpy float32, re-read only when the buffer changed (calibration writes it in place)."""
+        version = (id(self.threshold), self.threshold._version)
+        if getattr(self, "_theta_version", None) != version:
+            self._theta = np.float32(self.threshold.item())
+            self._theta_version = version
+        return self._theta
 
     def _cached_query(self, a, extras, execute, k, v, keep):
         B, T, D = a.shape

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,3 +25,9 @@ class Router(nn.Module):
     def forward(self, a: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, outputs]
         # routers may be kept in fp32 while training a bf16 model
         return self.fc2(torch.relu(self.fc1(a.to(self.fc1.weight.dtype))))
+
+    def logits(self, a: torch.Tensor) -> torch.Tensor:
+        """``forward`` without the module-call machinery (hooks, dispatch): the same ops, for the
+        batch-1 decode step, where a unit's routing work is a handful of tiny ops."""
+        h = F.linear(a.to(self.fc1.weight.dtype), self.fc1.weight, self.fc1.bias)
+        return F.linear(torch.relu(h), self.fc2.weight, self.fc2.bias)
