@@ -159,3 +159,33 @@ def test_config_validates():
         GenerationConfig(top_p=0.0)
     with pytest.raises(UserError, match="max-new-tokens"):
         GenerationConfig(max_new_tokens=0)
+
+
+def test_one_token_fast_path_equals_the_general_path():
+    """Batch-1 steps take ``CachedRoutedUnit._one_token`` (a StepHint); the general path must agree."""
+    _, routed = tiny_routed("qwen3")
+    routed.set_routing("threshold")
+    decoder = decoder_for(routed)
+    ids = _prompt(16, seed=5)
+    results = []
+    for fast in (True, False):
+        decoder.reset_stats()
+        step = decoder.step if fast else _general_step(decoder)
+        with torch.no_grad():
+            logits, past = step(ids[:, :4], torch.ones(1, 4, dtype=torch.long), decoder.empty_cache(1))
+            steps = []
+            for t in range(4, 16):
+                logits, past = step(ids[:, t:t + 1], torch.ones(1, t + 1, dtype=torch.long), past)
+                steps.append(logits)
+        results.append((torch.cat(steps, dim=1), decoder.execute_fraction()))
+    (fast_logits, fast_fraction), (slow_logits, slow_fraction) = results
+    assert torch.equal(fast_logits, slow_logits)
+    assert fast_fraction == slow_fraction and 0 < fast_fraction < 1
+
+
+def _general_step(decoder):
+    """``decoder.step`` without the StepHint: every unit takes the general cached path."""
+    def step(ids, mask, past):
+        logits, *present = decoder.gm(ids, mask, *past)
+        return logits, present
+    return step
