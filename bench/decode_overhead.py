@@ -9,7 +9,9 @@ cost from the compute it saves:
 - all-exec:   thresholds at −∞: routers and decisions run, every unit executes
               (pure routing overhead);
 - none-exec:  thresholds at +∞: every unit is approximated (the most routing can
-              save, forecasts included).
+              save, forecasts included);
+- unrouted:   the base model's decode graph before the routing pass (what `dense`
+              costs without the routed units' module calls).
 
     .venv/bin/python bench/decode_overhead.py --model runs/bench-quality-standard/informed-0.25
 """
@@ -35,7 +37,14 @@ SETTINGS = {"dense": ("dense", None), "threshold": ("threshold", None),
             "all-exec": ("threshold", -1e9), "none-exec": ("threshold", 1e9)}
 
 
-def step_ms(routed, decoder, ids, mode, threshold, steps) -> float:
+def step_ms(routed, decoder, ids, mode, threshold, steps, graph=None) -> float:
+    """Milliseconds per decode step; ``graph``: run this unrouted decode graph instead."""
+    if graph is not None:
+        def step(i, m, p):
+            logits, *present = graph(i, m, *p)
+            return logits, present
+    else:
+        step = decoder.step
     routed.set_routing(mode, record=False)
     saved = {name: unit.threshold.clone() for name, unit in routed.units.items()}
     if threshold is not None:
@@ -45,12 +54,12 @@ def step_ms(routed, decoder, ids, mode, threshold, steps) -> float:
     try:
         with torch.inference_mode():
             mask = torch.ones_like(ids)
-            logits, past = decoder.step(ids, mask, decoder.empty_cache(1))
+            logits, past = step(ids, mask, decoder.empty_cache(1))
             token = logits[:, -1].argmax(-1, keepdim=True)
             start = time.perf_counter()
             for _ in range(steps):
                 mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
-                logits, past = decoder.step(token, mask, past)
+                logits, past = step(token, mask, past)
                 token = logits[:, -1].argmax(-1, keepdim=True)
             return (time.perf_counter() - start) / steps * 1e3
     finally:
@@ -69,13 +78,17 @@ def main() -> int:
 
     from irc.eval.speed import text_inputs
 
+    from irc.generation.capture import capture_decode
+
     routed = irc.load(args.model)
     decoder = decoder_for(routed)
+    unrouted = capture_decode(routed.base.model).gm
     ids, _ = text_inputs(routed.base.tokenizer, 1, args.prompt_len)
-    times = {name: [] for name in SETTINGS}
+    times = {name: [] for name in (*SETTINGS, "unrouted")}
     for _ in range(args.repeats):  # settings interleaved, so noise hits all alike
         for name, (mode, threshold) in SETTINGS.items():
             times[name].append(step_ms(routed, decoder, ids, mode, threshold, args.steps))
+        times["unrouted"].append(step_ms(routed, decoder, ids, "dense", None, args.steps, graph=unrouted))
     ms = {name: statistics.median(v) for name, v in times.items()}
     command = "python bench/decode_overhead.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
