@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
     o.add_argument("--profile", default="portable", choices=["portable", "trt"],
                    help="portable: standard ONNX ops; trt: TokenGather/TokenScatter TensorRT plugin nodes")
     o.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="precision the graph is captured and exported in (default fp32)")
+                   help="precision the graph is captured and exported in (default fp32; bf16 is refused: "
+                   "ONNX Runtime's CPU provider cannot run it to verify the file)")
     o.add_argument("--opset", type=int, default=18)
     o.add_argument("--max-seq", type=int, help="largest sequence length the file declares (default: the model's; "
                    "trt: at most 3840, TensorRT's TopK limit)")

@@ -122,6 +122,9 @@ def export_onnx(routed, out: str | Path, config: OnnxExportConfig = OnnxExportCo
     if routed.plan.variant == "mod" and config.routing != "dense":
         raise UserError("ONNX export of Mixture-of-Depths layers is not implemented (a baseline whose top-k "
                         "over the whole row is not causal); export informed, skip or static models")
+    if routed.base.dtype == torch.bfloat16:
+        raise UserError("a bf16 ONNX file cannot be verified here: ONNX Runtime's CPU provider has no bf16 "
+                        "kernels (Mul, MatMul, ...); export with --dtype fp32 or fp16")
     if config.profile == "trt" and routed.base.dtype != torch.float32:
         raise UserError("--profile trt is verified through onnxruntime-extensions Python ops, which run fp32; "
                         "export with --dtype fp32 (TensorRT builds fp16/bf16 engines from it with strongly "
@@ -221,7 +224,13 @@ def verify(routed, path: Path, config: OnnxExportConfig) -> dict:
 
     from irc.exporters.onnx_contrib import inference_session
 
-    session = inference_session(path)
+    try:
+        session = inference_session(path)
+    except UserError:
+        raise
+    except Exception as e:  # ORT's own exception types: an op or type it has no kernel for
+        raise UserError(f"ONNX Runtime cannot run the exported graph, so it cannot be verified: {e}; "
+                        "no file written") from None
     worst, agree, total, cases = 0.0, 0, 0, []
     for ids, mask in sample_inputs(routed.arch.vocab, seed=1):
         got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]

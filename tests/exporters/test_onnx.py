@@ -109,6 +109,12 @@ def test_a_broken_lowering_fails_and_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_unsupported_is_said_plainly(tmp_path):
+    from irc.cli import main
+    from tiny import save_tiny
+
+    model = save_tiny("llama", tmp_path / "tiny")
+    assert main(["export", "onnx", str(model), "-o", str(tmp_path / "m.onnx"), "--dtype", "bf16"]) == 2
+    assert not (tmp_path / "m.onnx").exists()
     _, mod = tiny_routed("llama", RoutingPlan(variant="mod", n_sink=1))
     with pytest.raises(UserError, match="Mixture-of-Depths"):
         export_onnx(mod, tmp_path / "m.onnx")
