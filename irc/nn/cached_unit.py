@@ -23,7 +23,9 @@ and the kv part). At batch 1 and T = 1 every step takes one of the two, and the
 decoder hands every unit a ``StepHint`` (is the new token real, how many real
 tokens precede it), so a unit's routing work is its router, one margin and one
 Python branch (``_one_token``): the decode step's cost is dominated by the
-number of ops, not their size.
+number of ops, not their size. A one-token step of several rows where some rows
+execute runs the unit on every row and blends: a unit's weights are read once
+whether it runs for one row or for B, so gathers would cost more than they save.
 
 The routers, forecasters and thresholds are the prefill units' own modules and
 tensors (``irc.generation.decoder`` ties them), so there is one set of weights.
@@ -88,6 +90,13 @@ class CachedRoutedUnit(RoutedUnit):
             return self._with_cache(torch.where(execute.unsqueeze(-1), u, approx), cache)
         if keep is None and bool(execute.all()):  # nothing to skip: the unit as captured
             return self.body(*self._args(self.body_roles, a, extras))
+        if T == 1 and keep is None and bool(execute.any()):
+            # a decode step of several rows: the unit reads all its weights for one row or for B,
+            # so gathering the executing rows saves less than the gathers cost; run every row, blend
+            out = self.body(*self._args(self.body_roles, a, extras))
+            u, cache = (out[0], out[1:]) if self.kind == "attn" else (out, ())
+            approx = self._approximate(a, pad & ~execute)  # [B, 1, D]
+            return self._with_cache(torch.where(execute.unsqueeze(-1), u, approx), cache)
         if self.kind == "mlp":
             if not bool(execute.any()):
                 return self._approximate(a, pad)
