@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export a routed model (onnx)")
+    p = subparsers.add_parser("export", help="export a routed model (onnx) or build a TensorRT engine (trt)")
     sub = p.add_subparsers(dest="export_format", metavar="FORMAT")
     o = sub.add_parser(
         "onnx",
