@@ -60,7 +60,7 @@ def _write(out: Path, command: str, args, results, wall: float) -> None:
         "windows of the held-out wiki text. Dense and routed run the same inputs; the medians are over "
         f"{args.repeats} grouped plus {args.repeats} interleaved runs per side, the pair range over the "
         "interleaved ones. Peak extra MB: the sampled RSS peak of one forward in a fresh process per "
-        "side, above that process's RSS after loading (lengths in increasing order). Machine: {first.get('machine')}, {first.get('threads')} threads.",
+        "side and length, above that process's RSS after loading. Machine: {first.get('machine')}, {first.get('threads')} threads.",
         "",
         f"Command: `{data['command']}` (wall time {wall:.0f} s)",
     ]

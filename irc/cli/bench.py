@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--data", default="wiki:heldout", help="text the inputs are cut from (default wiki:heldout)")
     p.add_argument("--no-memory", action="store_true",
-                   help="skip the peak-memory measurement (a fresh process per side)")
+                   help="skip the peak-memory measurement (a fresh process per side and length)")
     p.add_argument("--onnx-dir", help="where the ONNX files live (default OUT/onnx)")
     p.add_argument("--out", help="write OUT_STEM.json and OUT_STEM.md")
     p.add_argument("--json", action="store_true", help="print one JSON object, nothing else")

@@ -4,8 +4,8 @@
 the routed model on the same real text (windows of the held-out wiki corpus,
 since routing decisions depend on content), interleaving the two so that
 machine noise hits both alike, and reports the median tokens/s, the speedup,
-the range of per-pair speedups, the peak memory each forward needed (in a fresh
-process per side: sampled RSS above the RSS after loading) and the execute fraction the routed model reached.
+the range of per-pair speedups, the peak memory each forward needed (a fresh
+process per side and length: sampled RSS above the RSS after loading) and the execute fraction the routed model reached.
 
 - ``torch``: dense is the base model's captured graph; routed is the routed
   graph in threshold routing (the calibrated decisions) or capacity routing.
@@ -47,7 +47,7 @@ class SpeedConfig:
     repeats: int = 5
     threads: int | None = None
     data: str = "wiki:heldout"  # the text the inputs are cut from (a corpus spec, as irc eval --data)
-    memory: bool = True  # peak memory per side, measured in a fresh process each
+    memory: bool = True  # peak memory per side and length, each in a fresh process
 
     def __post_init__(self):
         if not self.seq_lens or min(self.seq_lens) < 1:
@@ -235,7 +235,7 @@ def bench_speed(routed_dir: str | Path, backend: str = "torch", config: SpeedCon
         log("peak memory is not measured for engines (TensorRT allocates outside this process's RSS view)")
     elif config.memory:
         for side in ("dense", "routed"):
-            log(f"peak memory of {side} in a fresh process ...")
+            log(f"peak memory of {side}: a fresh process per length ...")
             peaks = memory_profile(routed_dir, backend, side, config, onnx_paths, inputs)
             for row in result.rows:
                 row[f"{side}_peak_extra_mb"] = peaks[str(row["seq_len"])]
@@ -273,27 +273,31 @@ def open_side(routed_dir: Path, backend: str, side: str, config: SpeedConfig, on
 
 def memory_profile(routed_dir: Path, backend: str, side: str, config: SpeedConfig, onnx_paths,
                    inputs: dict[int, torch.Tensor]) -> dict:
-    """Peak RSS of one forward per length, above the RSS after loading, in a fresh process.
+    """Peak RSS of one forward at each length, above the RSS after loading: one fresh process each.
 
     In the benchmarking process both models and their allocators' caches share one
-    RSS, which cannot tell what each forward needs; a fresh process loads one side and
-    runs the lengths in increasing order (the allocator reuses what a shorter one freed).
+    RSS, which cannot tell what each forward needs; and in a process that already ran
+    another length, the allocator's free lists and fragmentation from that run count
+    too. So every (side, length) loads its model in a new process and runs once.
     """
     import os
     import subprocess
     import sys
     import tempfile
 
+    peaks = {}
     with tempfile.TemporaryDirectory(prefix="irc-bench-") as tmp:
-        ids_path = Path(tmp) / "inputs.pt"
-        torch.save({str(T): ids for T, ids in inputs.items()}, ids_path)
-        spec = {"routed_dir": str(routed_dir), "backend": backend, "side": side, "config": asdict(config),
-                "onnx_paths": [str(p) for p in onnx_paths] if onnx_paths else None, "inputs": str(ids_path)}
-        done = subprocess.run([sys.executable, "-m", "irc.eval.speed", json.dumps(spec)],
-                              capture_output=True, text=True, env={**os.environ, "IRC_PROGRESS": "0"})
-    if done.returncode != 0:
-        raise RuntimeError(f"memory measurement of {side} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        for T, ids in inputs.items():
+            ids_path = Path(tmp) / f"inputs-{T}.pt"
+            torch.save({str(T): ids}, ids_path)
+            spec = {"routed_dir": str(routed_dir), "backend": backend, "side": side, "config": asdict(config),
+                    "onnx_paths": [str(p) for p in onnx_paths] if onnx_paths else None, "inputs": str(ids_path)}
+            done = subprocess.run([sys.executable, "-m", "irc.eval.speed", json.dumps(spec)],
+                                  capture_output=True, text=True, env={**os.environ, "IRC_PROGRESS": "0"})
+            if done.returncode != 0:
+                raise RuntimeError(f"memory measurement of {side} at T={T} failed:\n{done.stderr[-2000:]}")
+            peaks.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    return peaks
 
 
 def _memory_main(spec: dict) -> dict:
