@@ -78,7 +78,11 @@ def main(op: str) -> dict[str, str | None]:
         raise SystemExit("set TRITON_INTERPRET=1 before running this script")
     import torch
 
-    check = {"gather": _check_gather, "scatter": _check_scatter}[op]
+    return run_cases(torch, {"gather": _check_gather, "scatter": _check_scatter}[op])
+
+
+def run_cases(torch, check) -> dict[str, str | None]:
+    """``check(torch, x, src, index)`` on every case: ``{case: None | traceback}``."""
     results: dict[str, str | None] = {}
     for seed, (case, shape) in enumerate(zip(CASES, _SHAPES, strict=True)):
         try:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for ops.triton_interpret
 
-from ops.triton_interpret import _SHAPES, CASES, _inputs  # noqa: E402
+from ops.triton_interpret import run_cases  # noqa: E402
 
 
 def _check(torch, x, src, index) -> None:
@@ -43,14 +42,7 @@ def main() -> dict[str, str | None]:
         raise SystemExit("set TRITON_INTERPRET=1 before running this script")
     import torch
 
-    results: dict[str, str | None] = {}
-    for seed, (case, shape) in enumerate(zip(CASES, _SHAPES, strict=True)):
-        try:
-            _check(torch, *_inputs(torch, *shape, seed=seed))
-            results[case] = None
-        except Exception:
-            results[case] = traceback.format_exc()
-    return results
+    return run_cases(torch, _check)
 
 
 if __name__ == "__main__":
