@@ -18,8 +18,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--sparsity", type=float, default=None,
                    help="routed models: move the sparsity dial (recalibrate the thresholds on held-in "
                    "data) before evaluating")
+    p.add_argument("--flops-saved", type=float, default=None, metavar="F",
+                   help="routed models: move the dial to a compute target instead (recalibrate the thresholds "
+                   "so that F of the FLOPs per token are saved, routers and forecasters counted)")
     p.add_argument("--calib-data", default="wiki:train",
-                   help="held-in corpus for --sparsity (default wiki:train; its last 4 windows)")
+                   help="held-in corpus for --sparsity / --flops-saved (default wiki:train; its last 4 windows)")
     p.add_argument("--data", default="wiki:heldout",
                    help="corpus: wiki[:train|heldout], or a .txt/.jsonl file or folder [:SPLIT] "
                    "(default: wiki:heldout)")
@@ -57,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_onnx(args)
     if args.model.endswith(".engine"):
         return _run_engine(args)
-    if args.sparsity is not None:
-        raise UserError("--sparsity applies to routed model directories (made by irc convert)")
+    if args.sparsity is not None or args.flops_saved is not None:
+        raise UserError("--sparsity and --flops-saved apply to routed model directories (made by irc convert)")
     start = time.perf_counter()
     loaded = load_model(args.model, dtype=args.dtype)
     corpus = load_corpus(args.data, default_split="heldout")
@@ -109,40 +112,57 @@ def _run_routed(args: argparse.Namespace) -> int:
     from irc.cli.common import emit_json, fmt_int, info
     from irc.data import load_corpus, token_stream
     from irc.errors import UserError
-    from irc.eval.routed import evaluate_routed
+    from irc.eval.routed import evaluate_routed, routed_budget
     from irc.train.calibrate import calibrate_thresholds
     from irc.train.windows import make_windows
 
     start = time.perf_counter()
+    if args.sparsity is not None and args.flops_saved is not None:
+        raise UserError("give one dial: --sparsity S or --flops-saved F, not both")
+    for flag, value in (("--sparsity", args.sparsity), ("--flops-saved", args.flops_saved)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise UserError(f"{flag} must be in [0, 1), got {value}")
     routed = irc.load(args.model, dtype=args.dtype)
     if routed.arch.max_positions and args.seq_len > routed.arch.max_positions:
         raise UserError(f"--seq-len {args.seq_len} is longer than the model's {routed.arch.max_positions} positions")
     calibration = None
-    if args.sparsity is not None:
-        if not 0.0 <= args.sparsity < 1.0:
-            raise UserError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.sparsity is not None or args.flops_saved is not None:
         held_in = token_stream(load_corpus(args.calib_data, default_split="train"), routed.tokenizer)
         n = 4 * args.seq_len
         if len(held_in) < n:
             raise UserError(f"{args.calib_data} has too few tokens to calibrate ({len(held_in)} < {n})")
         calib = make_windows(held_in[len(held_in) - n :], args.seq_len, 4)
-        calibration = calibrate_thresholds(routed, calib, args.sparsity, show_progress=not args.json)
-    trained = routed.records.get("training", {}).get("sparsity")
+        if routed.plan.variant in ("mod", "static"):
+            if args.flops_saved is not None:
+                raise UserError(f"--flops-saved moves thresholds; a {routed.plan.variant} model's dial is --sparsity")
+        else:
+            budget = routed_budget(routed, sparsity=args.sparsity, flops_saved=args.flops_saved, seq_len=args.seq_len)
+            if not routed.units:
+                raise UserError(f"{args.model} has no dynamic units left (all folded): its compute is fixed")
+            calibration = calibrate_thresholds(routed, calib, budget=budget, show_progress=not args.json)
+    training = routed.records.get("training", {})
+    trained = training.get("sparsity")
+    trained_flops = training.get("flops_saved")
     corpus = load_corpus(args.data, default_split="heldout")
     stream = token_stream(corpus, routed.tokenizer, args.bos)
     result = evaluate_routed(routed, stream, seq_len=args.seq_len, stride=args.stride,
                              max_tokens=args.max_tokens or None,
-                             sparsity=args.sparsity if args.sparsity is not None else trained,
+                             sparsity=args.sparsity,
                              show_progress=not args.json)
     sp, flops = result["sparsity"], result["flops_per_token"]
     if args.json:
         emit_json({"model": args.model, "routed": True, "variant": routed.plan.variant, "data": corpus.spec,
-                   "trained_sparsity": trained, "requested_sparsity": args.sparsity,
+                   "trained_sparsity": trained, "trained_flops_saved": trained_flops,
+                   "requested_sparsity": args.sparsity, "requested_flops_saved": args.flops_saved,
+                   "routers": len(routed.units), "folded": {n: u.how for n, u in getattr(routed, "folded", {}).items()},
                    **{k: v for k, v in result.items()}, "calibration": calibration})
         return 0
     dense = routed.records.get("evaluation", {}).get("dense_perplexity")
+    folded = getattr(routed, "folded", {})
+    trained_for = (f"FLOPs saved {trained_flops:.2f}" if trained_flops is not None else f"sparsity {trained}")
     info(f"model       {args.model}: {routed.plan.variant} routing of {routed.base.describe()}, "
-         f"{len(routed.units)} routed units, trained for sparsity {trained}")
+         f"{len(routed.units)} routed units" + (f" + {len(folded)} folded" if folded else "")
+         + f", trained for {trained_for}")
     info(f"data        {corpus.spec}: {fmt_int(result['tokens'])} tokens scored in windows of {args.seq_len}")
     info(f"perplexity  {result['perplexity']:.3f}" + (f"  (dense {dense:.3f}, recorded at convert time)" if dense else ""))
     kinds = ", ".join(f"{k} {v:.3f}" for k, v in sp["by_kind"].items() if v is not None)
@@ -151,10 +171,11 @@ def _run_routed(args: argparse.Namespace) -> int:
     layers = " ".join(f"{k}:{v:.2f}" for k, v in sp["by_layer"].items() if v is not None)
     info(f"by layer    {layers}")
     info(f"FLOPs       {flops['dense'] / 1e6:.1f} → {flops['routed'] / 1e6:.1f} MFLOP/token "
-         f"({100 * flops['saved']:.1f}% saved, routers and forecasters included)")
+         f"({100 * flops['saved']:.1f}% saved, routers and forecasters included)"
+         + (f"; requested {100 * args.flops_saved:.1f}%" if args.flops_saved is not None else ""))
     info(f"speed       {result['tokens_per_s']:,.0f} tokens/s")
     info(f"PASSED eval {time.perf_counter() - start:.1f}s ppl {result['perplexity']:.2f} "
-         f"sparsity={sp['overall']:.3f} model={args.model}")
+         f"sparsity={sp['overall']:.3f} flops_saved={flops['saved']:.3f} model={args.model}")
     return 0
 
 
@@ -172,8 +193,9 @@ def _run_onnx(args: argparse.Namespace, model_class=None, backend: str = "onnxru
     from irc.eval import evaluate_perplexity
     from irc.exporters.onnx_runtime import OnnxModel
 
-    if args.sparsity is not None:
-        raise UserError(f"--sparsity applies to routed model directories; a {backend} file's routing is fixed")
+    if args.sparsity is not None or args.flops_saved is not None:
+        raise UserError(f"--sparsity and --flops-saved apply to routed model directories; a {backend} file's "
+                        "routing is fixed")
     start = time.perf_counter()
     model = (model_class or OnnxModel)(args.model)
     corpus = load_corpus(args.data, default_split="heldout")

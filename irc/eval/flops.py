@@ -76,3 +76,114 @@ def model_flops(arch: Architecture, plan: RoutingPlan, seq_len: int, execute: fl
             dense += u.dense
             routed += u.routed if plan.selects(layer, kind) else u.dense
     return dense, routed
+
+
+# --- compute budgets --------------------------------------------------------
+#
+# A routed unit's FLOPs per token are affine in its execute fraction e:
+# ``fixed + e·swing`` (fixed: router, and for attention the key/value path; the
+# forecaster runs for approximated tokens, so it lowers the swing). A target in
+# FLOPs saved is therefore one linear constraint on the execute fractions,
+# ``Σ w_u·e_u = target`` with ``w_u ∝ swing_u``; a target in unit sparsity is the
+# same constraint with equal weights. Training, calibration and reports share it.
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A compute target as ``Σ_u weights[u]·e_u = target`` over the dynamic units (Σ weights = 1)."""
+
+    kind: str  # "flops" or "sparsity"
+    value: float  # the FLOP fraction saved, or the unit sparsity, asked for
+    weights: dict[str, float]
+    target: float
+
+    def describe(self) -> str:
+        return (f"{100 * self.value:.1f}% of FLOPs saved" if self.kind == "flops"
+                else f"unit sparsity {self.value:.2f}")
+
+
+def affine_cost(arch: Architecture, plan: RoutingPlan, kind: str, seq_len: int) -> tuple[float, float]:
+    """(fixed, swing): a routed unit costs ``fixed + e·swing`` FLOPs per token at execute fraction e."""
+    zero = unit_flops(arch, plan, kind, seq_len, 0.0).routed
+    return zero, unit_flops(arch, plan, kind, seq_len, 1.0).routed - zero
+
+
+def folded_execute(how: str, n_sink: int, seq_len: int) -> float:
+    """Execute fraction of a folded unit: every token (plain) or the sinks only (forecast)."""
+    return 1.0 if how == "plain" else min(n_sink, seq_len) / seq_len
+
+
+def folded_unit_flops(arch: Architecture, plan: RoutingPlan, kind: str, how: str, seq_len: int) -> float:
+    """Per-token FLOPs of a folded unit: no router; a forecast-folded attention unit computes
+    keys, values and queries for the sink tokens only (which attend to sinks only)."""
+    if how == "plain":
+        return float(arch.unit_flops(kind, seq_len))
+    e = folded_execute(how, plan.n_sink, seq_len)
+    lff = forecaster_flops(arch.hidden, plan.lff_rank) * (1 - e)
+    if kind == "attn":
+        sinks = arch.attention_kv_flops() + arch.attention_query_flops(mean_context(plan.n_sink))
+        return e * sinks + lff
+    return e * arch.mlp_flops() + lff
+
+
+def flops_budget(arch: Architecture, plan: RoutingPlan, seq_len: int, flops_saved: float,
+                 dynamic: dict[str, str], folded: dict[str, tuple[str, str]] | None = None) -> Budget:
+    """The execute-fraction constraint that saves ``flops_saved`` of the dense FLOPs per token.
+
+    ``dynamic``: unit name → kind of the units whose fractions are free;
+    ``folded``: unit name → (kind, how) of folded units (their cost is fixed).
+    Units in neither are dense. Raises ``UserError`` when the target is out of reach.
+    """
+    from irc.errors import UserError
+
+    folded = folded or {}
+    dense = float(arch.dense_flops_per_token(seq_len))
+    fixed_total = float(arch.head_flops())
+    routed_kinds = [*dynamic.values(), *(k for k, _ in folded.values())]
+    # units the plan leaves dense
+    per_kind = {k: arch.unit_flops(k, seq_len) for k in ("attn", "mlp")}
+    n_dense = {k: arch.n_layers - routed_kinds.count(k) for k in per_kind}
+    fixed_total += sum(per_kind[k] * n for k, n in n_dense.items())
+    swings = {}
+    for name, kind in dynamic.items():
+        fixed, swing = affine_cost(arch, plan, kind, seq_len)
+        fixed_total += fixed
+        swings[name] = swing
+    for kind, how in folded.values():
+        fixed_total += folded_unit_flops(arch, plan, kind, how, seq_len)
+    total_swing = sum(swings.values())
+    lowest = 1 - (fixed_total) / dense
+    highest = 1 - (fixed_total + total_swing) / dense
+    if total_swing <= 0 or not highest - 1e-9 <= flops_saved <= lowest + 1e-9:
+        raise UserError(f"--flops-saved {flops_saved:.3f} is out of reach for this model and plan: routing saves "
+                        f"between {max(highest, 0):.3f} (every token executes; routers cost FLOPs) and "
+                        f"{lowest:.3f} (every token approximated)")
+    target = ((1 - flops_saved) * dense - fixed_total) / total_swing
+    return Budget("flops", flops_saved, {n: s / total_swing for n, s in swings.items()},
+                  min(max(target, 0.0), 1.0))
+
+
+def sparsity_budget(sparsity: float, dynamic: dict[str, str], folded: dict[str, tuple[str, str]] | None = None,
+                    *, n_sink: int = 0, seq_len: int = 1) -> Budget:
+    """Unit sparsity ``sparsity`` (the paper's objective) as a budget: equal weights."""
+    folded = folded or {}
+    n_all = len(dynamic) + len(folded)
+    want = (1 - sparsity) * n_all - sum(folded_execute(how, n_sink, seq_len) for _, how in folded.values())
+    target = want / len(dynamic) if dynamic else 0.0
+    return Budget("sparsity", sparsity, {n: 1 / len(dynamic) for n in dynamic}, min(max(target, 0.0), 1.0))
+
+
+def sparsity_for_flops(arch: Architecture, plan: RoutingPlan, seq_len: int, flops_saved: float) -> float:
+    """The uniform sparsity (every routed unit at one execute fraction) that saves ``flops_saved``.
+
+    For variants without per-unit budgets (``mod``, ``static``): a bisection on ``model_flops``.
+    """
+    lo, hi = 0.0, 0.999  # sparsity
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        dense, routed = model_flops(arch, plan, seq_len, 1 - mid)
+        if 1 - routed / dense < flops_saved:
+            lo = mid
+        else:
+            hi = mid
+    return hi

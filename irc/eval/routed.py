@@ -12,17 +12,32 @@ from __future__ import annotations
 
 import numpy as np
 
-from irc.eval.flops import unit_flops
+from irc.eval.flops import Budget, flops_budget, folded_unit_flops, sparsity_budget, unit_flops
 from irc.eval.perplexity import evaluate_perplexity
-from irc.train.calibrate import achieved_sparsity
+from irc.eval.sparsity import achieved_sparsity
 
 
 def inference_mode(routed, sparsity: float | None = None) -> None:
     if routed.plan.variant == "mod":
-        capacity = 1.0 - (sparsity if sparsity is not None else routed.records.get("training", {}).get("sparsity", 0.0))
+        training = routed.records.get("training", {})
+        if sparsity is None:
+            sparsity = training.get("sparsity") or training.get("nominal_sparsity") or 0.0
+        capacity = 1.0 - sparsity
         routed.set_routing("capacity", capacity=capacity, record=True)
     else:
         routed.set_routing("threshold", record=True)
+
+
+def routed_budget(routed, *, sparsity: float | None = None, flops_saved: float | None = None,
+                  seq_len: int = 1024) -> Budget:
+    """The budget over ``routed``'s dynamic units: unit sparsity or FLOPs saved (folded units fixed)."""
+    if (sparsity is None) == (flops_saved is None):
+        raise ValueError("give exactly one of sparsity and flops_saved")
+    dynamic = {name: u.kind for name, u in routed.units.items()}
+    folded = {name: (u.kind, u.how) for name, u in getattr(routed, "folded", {}).items()}
+    if flops_saved is not None:
+        return flops_budget(routed.arch, routed.plan, seq_len, flops_saved, dynamic, folded)
+    return sparsity_budget(sparsity, dynamic, folded, n_sink=routed.plan.n_sink, seq_len=seq_len)
 
 
 def routed_flops(routed, seq_len: int) -> dict:
@@ -30,10 +45,15 @@ def routed_flops(routed, seq_len: int) -> dict:
     arch, plan = routed.arch, routed.plan
     dense = routed_total = float(arch.head_flops())
     units = routed.units
+    folded = getattr(routed, "folded", {})
     for layer in range(arch.n_layers):
         kinds = ("layer",) if plan.variant in ("mod", "static") else ("attn", "mlp")
         for kind in kinds:
             name = f"layer{layer}" if kind == "layer" else f"layer{layer}_{kind}"
+            if name in folded:
+                dense += arch.unit_flops(kind, seq_len)
+                routed_total += folded_unit_flops(arch, plan, kind, folded[name].how, seq_len)
+                continue
             unit = units.get(name)
             e = unit.execute_fraction if unit is not None and unit.execute_fraction is not None else 1.0
             if unit is not None and plan.variant == "static":

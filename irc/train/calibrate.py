@@ -16,30 +16,44 @@ from __future__ import annotations
 
 import torch
 
+from irc.eval.sparsity import achieved_sparsity
 from irc.progress import progress
 from irc.train.windows import batches
 
 
 @torch.no_grad()
-def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float, *, iterations: int = 3,
-                         batch_size: int = 1, method: str = "offset", show_progress: bool = True) -> dict:
-    """Set every unit's θ so the model reaches ``sparsity``; returns what it achieved.
+def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float | None = None, *, budget=None,
+                         iterations: int = 3, batch_size: int = 1, method: str = "offset",
+                         show_progress: bool = True) -> dict:
+    """Set every unit's θ so the model meets a budget; returns what it achieved.
+
+    The budget is ``sparsity`` (the paper's unit sparsity) or ``budget``, an
+    ``irc.eval.flops.Budget`` (``routed_budget(routed, flops_saved=F)``): a target
+    for the units' execute fractions weighted by what each unit's execution costs.
 
     ``method="offset"`` (default): one common θ for all units, the margin at
-    which the units together execute ``1 − sparsity`` of the tokens: units whose
-    routers are confident keep their tokens, unsure ones give them up.
-    ``method="allocation"``: a router trained with hard Gumbel gates executes a token with probability
+    which the units together (weighted by the budget) execute its target: units
+    whose routers are confident keep their tokens, unsure ones give them up.
+    ``method="allocation"`` (unit sparsity only): a router trained with hard Gumbel gates executes a token with probability
     σ(margin), so its learned execute fraction is the mean of σ(margin) over
     tokens. Each unit's target fraction is that learned fraction, rescaled so
     that the units together execute ``1 − sparsity`` of the tokens; its θ is the
     margin quantile that executes exactly its target. Thresholds change the
     inputs of later units, so the solve repeats on fresh passes.
     """
+    from irc.eval.routed import routed_budget
+
     units = routed.units
     if routed.plan.variant in ("mod", "static"):
         return {"target_sparsity": sparsity, "method": "capacity" if routed.plan.variant == "mod" else "static"}
     if method not in ("offset", "allocation"):
         raise ValueError(f"method must be offset or allocation, got {method!r}")
+    if budget is None:
+        if sparsity is None:
+            raise ValueError("calibrate_thresholds needs a sparsity or a budget")
+        budget = routed_budget(routed, sparsity=sparsity, seq_len=windows.shape[1])
+    if method == "allocation" and budget.kind != "sparsity":
+        raise ValueError("the allocation method calibrates unit sparsity only")
     margins: dict[str, list[torch.Tensor]] = {name: [] for name in units}
     hooks = []
     for name, unit in units.items():
@@ -47,6 +61,8 @@ def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float, *, iter
             margins[name].append((out[..., 0] - out[..., 1]).float().reshape(-1, out.shape[-2]))
         hooks.append(unit.router.register_forward_hook(hook))
     n_sink = routed.plan.n_sink
+    T = windows.shape[1]
+    sink_share = min(n_sink, T) / T
     targets: dict[str, float] = {}
     bar = progress(total=iterations, desc="calibrating thresholds", unit="pass", enabled=show_progress)
     try:
@@ -58,13 +74,12 @@ def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float, *, iter
                 routed(batch)
             free = {name: torch.cat(m)[:, n_sink:].reshape(-1) for name, m in margins.items()}
             if method == "offset":
-                want = max(0.0, (1 - sparsity - n_sink / windows.shape[1]) / (1 - n_sink / windows.shape[1]))
-                theta = _threshold_for(torch.cat(list(free.values())), want)
+                theta = _common_threshold(free, budget, sink_share)
                 for unit in units.values():
                     unit.threshold.fill_(theta)
             else:
                 if it == 0:  # the learned allocation, from the first pass (θ as trained)
-                    targets = _unit_targets(free, sparsity, n_sink, windows.shape[1])
+                    targets = _unit_targets(free, budget.target, sink_share)
                 for name, unit in units.items():
                     unit.threshold.fill_(_threshold_for(free[name], targets[name]))
             bar.update(1)
@@ -77,17 +92,21 @@ def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float, *, iter
     for batch in batches(windows, batch_size):
         routed(batch)
     achieved = achieved_sparsity(routed)
-    return {"method": method, "target_sparsity": sparsity,
+    from irc.eval.routed import routed_flops
+
+    flops = routed_flops(routed, T)
+    return {"method": method, "budget": budget.kind, "target_sparsity": sparsity if budget.kind == "sparsity" else None,
+            "target_flops_saved": budget.value if budget.kind == "flops" else None,
+            "achieved_flops_saved": flops["saved"],
             "achieved_sparsity": achieved["overall"], "by_kind": achieved["by_kind"],
             "thresholds": {n: round(float(u.threshold), 4) for n, u in units.items()}}
 
 
-def _unit_targets(free: dict[str, torch.Tensor], sparsity: float, n_sink: int, seq_len: int) -> dict[str, float]:
+def _unit_targets(free: dict[str, torch.Tensor], target: float, sink_share: float) -> dict[str, float]:
     """Execute fractions of the non-sink tokens per unit: the learned σ(margin) means, rescaled."""
     learned = {n: float(torch.sigmoid(m).mean()) for n, m in free.items()}
-    sink_share = min(n_sink, seq_len) / seq_len
-    # the fraction of non-sink tokens to execute so that, sinks included, 1 − sparsity execute
-    want = max(0.0, (1 - sparsity - sink_share) / (1 - sink_share))
+    # the fraction of non-sink tokens to execute so that, sinks included, ``target`` execute
+    want = max(0.0, (target - sink_share) / (1 - sink_share))
     mean = sum(learned.values()) / len(learned)
     scale = want / mean if mean > 0 else 1.0
     targets = {n: min(1.0, f * scale) for n, f in learned.items()}
@@ -102,6 +121,28 @@ def _unit_targets(free: dict[str, torch.Tensor], sparsity: float, n_sink: int, s
     return targets
 
 
+def _common_threshold(free: dict[str, torch.Tensor], budget, sink_share: float) -> float:
+    """One θ for all units such that ``Σ_u w_u·e_u(θ) = target`` (sinks always execute).
+
+    Each non-sink margin of unit u adds ``w_u·(1 − sink_share)/N_u`` to the weighted
+    execute fraction when it clears θ: sort the pooled margins, accumulate, and
+    put θ between the last margin needed and the next.
+    """
+    names = list(free)
+    want = budget.target - sink_share * sum(budget.weights[n] for n in names)
+    values = torch.cat([free[n] for n in names])
+    share = torch.cat([torch.full_like(free[n], budget.weights[n] * (1 - sink_share) / max(free[n].numel(), 1))
+                       for n in names]).double()
+    order = torch.sort(values, descending=True, stable=True).indices
+    ordered, gained = values[order], torch.cumsum(share[order], 0)
+    k = int(torch.searchsorted(gained, torch.tensor(want, dtype=gained.dtype) - 1e-12)) + 1  # margins to execute
+    if want <= 1e-12 or k <= 0:
+        return float(ordered[0]) + 1.0
+    if k >= ordered.numel():
+        return float(ordered[-1]) - 1.0
+    return float((ordered[k - 1] + ordered[k]) / 2)
+
+
 def _threshold_for(margins: torch.Tensor, fraction: float) -> float:
     """θ such that ``margin ≥ θ`` holds for ``fraction`` of ``margins``."""
     k = round(fraction * margins.numel())
@@ -111,36 +152,3 @@ def _threshold_for(margins: torch.Tensor, fraction: float) -> float:
     if k >= margins.numel():
         return float(ordered[-1]) - 1.0
     return float((ordered[k - 1] + ordered[k]) / 2)
-
-
-def achieved_sparsity(routed) -> dict:
-    """Sparsity (1 − execute fraction) overall, per unit kind and per layer, from the units' counters.
-
-    Units the plan left dense count as executing every token, so that "overall"
-    is over every unit of the model (for ``static``: the share of layers dropped).
-    """
-    plan = routed.plan
-    kinds = ("layer",) if plan.variant in ("mod", "static") else ("attn", "mlp")
-    units = routed.units
-    tokens_seen = max((u.tokens for u in units.values()), default=0)
-    by_kind: dict[str, list[int]] = {}
-    by_layer: dict[int, list[int]] = {}
-    executed = tokens = 0
-    for layer in range(routed.arch.n_layers):
-        for kind in kinds:
-            name = f"layer{layer}" if kind == "layer" else f"layer{layer}_{kind}"
-            unit = units.get(name)
-            e, t = (unit.executed, unit.tokens) if unit is not None else (tokens_seen, tokens_seen)
-            for acc in (by_kind.setdefault(kind, [0, 0]), by_layer.setdefault(layer, [0, 0])):
-                acc[0] += e
-                acc[1] += t
-            executed += e
-            tokens += t
-    frac = lambda e, t: 1 - e / t if t else None  # noqa: E731
-    return {
-        "overall": frac(executed, tokens),
-        "by_kind": {k: frac(*v) for k, v in by_kind.items()},
-        "by_layer": {k: frac(*v) for k, v in sorted(by_layer.items())},
-        "by_unit": {n: (1 - u.execute_fraction) if u.execute_fraction is not None else None
-                    for n, u in units.items()},
-    }

@@ -1,21 +1,34 @@
-"""``irc convert``: capture, rewrite, train, calibrate, evaluate and save, resumably.
+"""``irc convert``: capture, rewrite, train, calibrate, fold, evaluate and save, resumably.
 
-Stages (each checkpointed into a work directory beside OUT):
+The job is a list of stages (``STAGES``) that ``convert`` walks in order. Each
+stage is one function of the shared ``Job``; the ones that apply to the run's
+variant run, each followed by a checkpoint in a work directory beside OUT:
 
-1. ``lff``        — forecaster fit (informed only; closed form by default);
-2. ``init``       — router init from forecast error (informed, optional);
-3. ``routers``    — router training (informed, skip, mod), checkpointed every few steps;
-   ``lora``       — LoRA on q/v/gate projections, routers frozen (optional, ``lora_steps``);
-4. ``calibrate``  — thresholds for the target sparsity (informed, skip);
-then evaluation (dense and routed perplexity, achieved sparsity, FLOPs) and an
-atomic save of OUT. ``static`` (ShortGPT) only measures block influence.
+1. ``plan``       — the routing plan and the rewritten graph (``static``: block influence);
+2. ``lff``        — forecaster fit (informed, static-lff; closed form by default);
+3. ``init``       — router init from forecast error (informed, optional);
+4. ``routers``    — router training (informed, skip, mod), checkpointed every few steps;
+5. ``lora``       — LoRA on q/v/gate projections, routers frozen (optional, ``lora_steps``);
+6. ``select``     — static-lff: the units replaced by their forecasters, greedily;
+7. ``calibrate``  — thresholds for the budget (informed, skip);
+8. ``fold``       — units that (almost) always take one path lose their routers
+                    (``fold_epsilon``; always for static-lff);
+9. ``evaluate``   — dense and routed perplexity, achieved sparsity, FLOPs;
+then an atomic save of OUT.
 
-``resume=True`` continues from the last checkpoint of a run with the same
-configuration and reaches the same result as an uninterrupted run: stage
-outputs are saved whole, router training saves its optimizer and RNG state, and
-the data each step sees is a function of the step. OUT is written only at the
-end, atomically: a failed or interrupted run leaves no OUT, only the work
-directory that ``--resume`` picks up.
+The budget is the paper's unit sparsity (``sparsity``) or a share of the FLOPs
+per token saved (``flops_saved``, routers and forecasters counted): router
+training weights each unit's execute gate by what executing it costs, and
+calibration meets the same weighted target.
+
+A checkpoint is the routing tensors (safetensors) and the stage's record and
+time (JSON); nothing executable is ever read back. ``resume=True`` continues
+from the last checkpoint of a run with the same configuration and reaches the
+same result as an uninterrupted run: stages re-apply their graph changes
+(folding) before their tensors load, router training saves its optimizer and
+RNG state, and the data each stage sees is taken in a fixed order whether it
+runs or resumes. OUT is written only at the end, atomically: a failed or
+interrupted run leaves no OUT, only the work directory that ``--resume`` picks up.
 """
 
 from __future__ import annotations
@@ -23,9 +36,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from irc.cache import atomic_file, write_json_atomic
@@ -41,12 +56,13 @@ PRESETS: dict[str, dict] = {
     "standard": dict(lff_windows=24, init_windows=8, router_steps=300, batch_size=4, train_seq_len=512,
                      calib_windows=8),
 }
-STAGES = ("lff", "init", "routers", "calibrate")
+VARIANTS = ("informed", "skip", "mod", "static", "static-lff")
 
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    sparsity: float
+    sparsity: float | None = None  # the paper's budget: the share of (token, unit) pairs approximated
+    flops_saved: float | None = None  # or a compute budget: the share of FLOPs per token saved
     variant: str = "informed"
     preset: str = "quick"
     data: str = "wiki:train"
@@ -68,31 +84,47 @@ class ConvertConfig:
     train_seq_len: int = 512
     calib_windows: int = 4
     checkpoint_every: int = 20
-    lora_steps: int = 0  # stage 4: LoRA (rank 16, α 32, q/v/gate projections); 0 skips it
+    lora_steps: int = 0  # stage 5: LoRA (rank 16, α 32, q/v/gate projections); 0 skips it
     lora_rank: int = 16
+    fold_epsilon: float | None = None  # fold units executing ≤ ε or ≥ 1 − ε of held-in tokens; None: no folding
+    static_score_windows: int = 2  # static-lff: held-in windows each unit's loss increase is measured on
     eval_seq_len: int = 1024
     eval_tokens: int = 20480
     evaluate_dense: bool = True
 
     def __post_init__(self):
-        if not 0.0 <= self.sparsity < 1.0:
+        if (self.sparsity is None) == (self.flops_saved is None):
+            raise UserError("give exactly one budget: --sparsity S (unit sparsity) or --flops-saved F")
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise UserError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.flops_saved is not None and not 0.0 <= self.flops_saved < 1.0:
+            raise UserError(f"--flops-saved must be in [0, 1), got {self.flops_saved}")
         if self.preset not in PRESETS:
             raise UserError(f"unknown preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
-        if self.variant not in ("informed", "skip", "mod", "static"):
-            raise UserError(f"unknown variant {self.variant!r}; expected informed, skip, mod or static")
+        if self.variant not in VARIANTS:
+            raise UserError(f"unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
+        if self.variant == "static-lff" and self.flops_saved is None:
+            raise UserError("--variant static-lff chooses units by FLOPs: give --flops-saved F")
+        if self.fold_epsilon is not None and not 0.0 <= self.fold_epsilon < 0.5:
+            raise UserError(f"--fold-epsilon must be in [0, 0.5), got {self.fold_epsilon}")
 
     @classmethod
-    def from_preset(cls, sparsity: float, preset: str = "quick", **overrides) -> ConvertConfig:
+    def from_preset(cls, sparsity: float | None = None, preset: str = "quick", **overrides) -> ConvertConfig:
         if preset not in PRESETS:
             raise UserError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
         return cls(sparsity=sparsity, preset=preset, **{**PRESETS[preset], **overrides})
 
+    @property
+    def budget_label(self) -> str:
+        return (f"flops_saved={self.flops_saved:.2f}" if self.flops_saved is not None
+                else f"sparsity={self.sparsity:.2f}")
+
     def plan(self) -> RoutingPlan:
-        return RoutingPlan(variant=self.variant if self.variant != "static" else "informed",
-                           lff_rank=self.lff_rank, lff_activation=self.lff_activation,
+        variant = {"static": "informed", "static-lff": "informed"}.get(self.variant, self.variant)
+        nominal = self.sparsity if self.sparsity is not None else self.flops_saved
+        return RoutingPlan(variant=variant, lff_rank=self.lff_rank, lff_activation=self.lff_activation,
                            n_sink=self.n_sink, kv_policy=self.kv_policy,
-                           capacity=max(1.0 - self.sparsity, 1e-3),
+                           capacity=max(1.0 - nominal, 1e-3),
                            lora_rank=self.lora_rank if self.lora_steps > 0 and self.variant != "static" else 0)
 
     def to_dict(self) -> dict:
@@ -113,7 +145,7 @@ class _Work:
         if self.dir.exists() and not resume:
             shutil.rmtree(self.dir)
         if resume and meta.is_file():
-            recorded = json.loads(meta.read_text())
+            recorded = self.read_json("run.json")
             if recorded != key:
                 raise UserError(f"--resume: the checkpoints in {self.dir} belong to another configuration "
                                 "or model; run without --resume to start over")
@@ -126,6 +158,12 @@ class _Work:
     def has(self, name: str) -> bool:
         return self.path(name).is_file()
 
+    def read_json(self, name: str):
+        try:
+            return json.loads(self.path(name).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"checkpoint {self.path(name)} is corrupt ({e}); run without --resume") from None
+
     def save_routing(self, name: str, routed) -> None:
         from safetensors.torch import save
 
@@ -136,17 +174,303 @@ class _Work:
     def load_routing(self, name: str, routed) -> None:
         from safetensors.torch import load_file
 
-        routed.load_routing_state(load_file(self.path(name)))
-
-    def save_obj(self, name: str, obj) -> None:
-        with atomic_file(self.path(name), "wb") as f:
-            torch.save(obj, f)
-
-    def load_obj(self, name: str):
-        return torch.load(self.path(name), weights_only=False)
+        try:
+            state = load_file(self.path(name))
+        except Exception as e:  # noqa: BLE001 - a file safetensors cannot parse is unusable
+            raise UserError(f"checkpoint {self.path(name)} is corrupt ({type(e).__name__}: {e}); "
+                            "run without --resume") from None
+        routed.load_routing_state(state)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class Job:
+    """What the stages share: the configuration, the models, the data, the records."""
+
+    config: ConvertConfig
+    source: str
+    base: object  # irc.models.LoadedModel
+    stream: np.ndarray  # training tokens, calibration windows excluded
+    calib: torch.Tensor  # held-in windows [N, T]: calibration, static-lff scoring, fold evidence
+    work: _Work
+    log: Callable[[str], None]
+    show_progress: bool
+    on_stage: Callable[[str, dict], None]
+    plan: RoutingPlan | None = None
+    routed: object | None = None  # irc.routing.RoutedModel, from the plan stage on
+    records: dict = field(default_factory=dict)
+    windows: dict = field(default_factory=dict)  # stage name → its training windows
+    cursor: int = 0
+
+    def take(self, count: int, seq_len: int) -> torch.Tensor:
+        """The next ``count`` windows of the training stream (a fixed order, run or resumed)."""
+        from irc.train.windows import make_windows
+
+        w = make_windows(self.stream, seq_len, count, start=self.cursor)
+        self.cursor += count * seq_len
+        return w
+
+    def budget(self, seq_len: int):
+        """The run's budget over the routed model's dynamic units (folded ones fixed)."""
+        from irc.eval.routed import routed_budget
+
+        c = self.config
+        return routed_budget(self.routed, sparsity=c.sparsity, flops_saved=c.flops_saved, seq_len=seq_len)
+
+    def nominal_sparsity(self) -> float:
+        """The unit sparsity that stands for the budget where a stage needs one number (router
+        init labels, Mixture-of-Depths capacity, ShortGPT layer count)."""
+        c = self.config
+        if c.sparsity is not None:
+            return c.sparsity
+        from irc.eval.flops import sparsity_for_flops
+
+        if self.routed is not None and self.plan.variant in ("informed", "skip"):
+            return 1.0 - self.budget(c.eval_seq_len).target
+        return sparsity_for_flops(self.base.arch, self.plan, c.eval_seq_len, c.flops_saved)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the job: ``run`` computes (returns its record), ``restore`` re-applies what a
+    checkpointed run changed beyond the routing tensors (e.g. the graph), ``data`` takes its
+    windows (always, so later stages see the same data whether this one runs or resumes)."""
+
+    name: str
+    applies: Callable[[ConvertConfig], bool]
+    run: Callable[[Job], dict | None]
+    record_at: tuple[str, ...] = ()  # where its record goes in the records
+    data: Callable[[Job], None] | None = None
+    restore: Callable[[Job, dict | None], None] | None = None
+    checkpoint: bool = True
+
+
+# --- the stages -------------------------------------------------------------
+
+
+def _plan(job: Job) -> dict:
+    from irc.routing import route
+    from irc.train.static import block_influence, layers_to_drop
+
+    c, record = job.config, {}
+    plan = c.plan()
+    if c.variant == "static":
+        influence = block_influence(job.base.model, job.calib)
+        plan = replace(plan, variant="static", layers=layers_to_drop(influence, _static_sparsity(job, plan)))
+        record["block_influence"] = [round(x, 5) for x in influence]
+        job.log(f"static: dropping layers {list(plan.layers)} (lowest block influence)")
+    record["plan"] = plan.to_dict()
+    job.plan = plan
+    job.routed = route(job.base, plan)
+    return record
+
+
+def _static_sparsity(job: Job, plan: RoutingPlan) -> float:
+    """Layers to drop for ShortGPT: the budget's unit sparsity, or the fewest layers saving ≥ F of FLOPs."""
+    c, arch = job.config, job.base.arch
+    if c.sparsity is not None:
+        return c.sparsity
+    layer = arch.attention_flops(c.eval_seq_len) + arch.mlp_flops()
+    total = arch.dense_flops_per_token(c.eval_seq_len)
+    for k in range(arch.n_layers + 1):
+        if k * layer / total >= c.flops_saved - 1e-9:
+            return k / arch.n_layers
+    return (arch.n_layers - 1) / arch.n_layers
+
+
+def _restore_plan(job: Job, record: dict) -> None:
+    from irc.routing import route
+
+    job.plan = RoutingPlan.from_dict(record["plan"])
+    job.routed = route(job.base, job.plan)
+
+
+def _lff_data(job: Job) -> None:
+    job.windows["lff"] = job.take(job.config.lff_windows, job.config.lff_seq_len)
+
+
+def _lff(job: Job) -> dict:
+    from irc.train.lff_fit import LFFFitConfig, fit_closed_form, fit_smoothl1
+
+    c, routed, windows = job.config, job.routed, job.windows["lff"]
+    fit_cfg = LFFFitConfig(method=c.lff_method)
+    if c.lff_method != "closed-form":
+        return {"method": "smoothl1", **fit_smoothl1(routed, windows, fit_cfg, show_progress=job.show_progress)}
+    stats = fit_closed_form(routed, windows, fit_cfg, show_progress=job.show_progress)
+    rel = sorted(s["relative_error"] for s in stats.values())
+    if c.lff_activation == "silu":
+        fit_smoothl1(routed, windows, fit_cfg, init=False, steps=fit_cfg.steps, show_progress=job.show_progress)
+    return {"method": "closed-form", "tokens_per_unit": next(iter(stats.values()))["tokens"],
+            "relative_error_median": rel[len(rel) // 2], "relative_error_range": [rel[0], rel[-1]]}
+
+
+def _init_data(job: Job) -> None:
+    job.windows["init"] = job.take(job.config.init_windows, job.config.lff_seq_len)
+
+
+def _init(job: Job) -> dict:
+    from irc.train.router_init import init_routers
+
+    return init_routers(job.routed, job.windows["init"], job.nominal_sparsity(), show_progress=job.show_progress)
+
+
+def _routers_data(job: Job) -> None:
+    c = job.config
+    remaining = (len(job.stream) - job.cursor) // c.train_seq_len
+    job.windows["routers"] = job.take(min(remaining, c.router_steps * c.batch_size), c.train_seq_len)
+
+
+def _routers(job: Job) -> dict:
+    from irc.train.router_train import RouterTrainConfig, load_state, save_state, train_routers
+
+    c, routed = job.config, job.routed
+    budget = job.budget(c.train_seq_len) if job.plan.variant in ("informed", "skip") else None
+    train_cfg = RouterTrainConfig(sparsity=job.nominal_sparsity(), steps=c.router_steps, batch_size=c.batch_size,
+                                  lr=c.lr, checkpoint_every=c.checkpoint_every, budget=budget)
+    progress_file = "routers-progress.safetensors"
+    state = None
+    if job.work.has(progress_file):
+        state = load_state(job.work.path(progress_file))
+        job.log(f"stage routers: resuming at step {state.step} of {train_cfg.steps}")
+
+    def checkpoint(snapshot):
+        save_state(snapshot, job.work.path(progress_file))
+        job.on_stage("routers-checkpoint", {"step": snapshot.step})
+
+    if state is None or state.step < train_cfg.steps:
+        state = train_routers(routed, job.windows["routers"], train_cfg, resume=state, on_checkpoint=checkpoint,
+                              show_progress=job.show_progress)
+    else:
+        for name, unit in routed.units.items():
+            unit.router.load_state_dict({k[len(name) + 1 :]: v for k, v in state.routers.items()
+                                         if k.startswith(name + ".")})
+    return {"steps": state.step, "budget": budget.kind if budget else "sparsity",
+            "exec_target": round(train_cfg.exec_target, 5), "last": state.history[-1] if state.history else None}
+
+
+def _lora_data(job: Job) -> None:
+    c = job.config
+    job.windows["lora"] = job.take(min((len(job.stream) - job.cursor) // c.train_seq_len,
+                                       c.lora_steps * c.batch_size), c.train_seq_len)
+
+
+def _lora(job: Job) -> dict:
+    from irc.train.lora_train import LoRATrainConfig, train_lora
+
+    return train_lora(job.routed, job.windows["lora"], LoRATrainConfig(steps=job.config.lora_steps,
+                      batch_size=job.config.batch_size), show_progress=job.show_progress)
+
+
+def _select(job: Job) -> dict:
+    from irc.train.static_lff import select_static_units
+
+    c = job.config
+    return select_static_units(job.routed, job.calib[: c.static_score_windows], c.flops_saved,
+                               seq_len=c.eval_seq_len, show_progress=job.show_progress)
+
+
+def _calibrate(job: Job) -> dict:
+    from irc.train.calibrate import calibrate_thresholds
+
+    return calibrate_thresholds(job.routed, job.calib, budget=job.budget(job.calib.shape[1]),
+                                show_progress=job.show_progress)
+
+
+def _fold(job: Job) -> dict:
+    """Fold the units whose held-in execute fraction (non-sink tokens) is ≤ ε or ≥ 1 − ε, then
+    recalibrate the units that keep their routers so the budget still holds."""
+    from irc.eval.sparsity import achieved_sparsity
+    from irc.passes.fold_static_routes import choose_folds
+    from irc.train.calibrate import calibrate_thresholds
+
+    c, routed = job.config, job.routed
+    epsilon = 0.0 if c.variant == "static-lff" else c.fold_epsilon
+    fractions = held_in_fractions(routed, job.calib)
+    folds = choose_folds(fractions, epsilon)
+    record = {"epsilon": epsilon, "held_in_execute": {n: round(f, 5) for n, f in fractions.items()},
+              "folded": folds, "routers_before": len(routed.units)}
+    if folds:
+        routed.fold(folds)
+    record["routers_after"] = len(routed.units)
+    job.plan = routed.plan
+    if folds and routed.units and c.variant != "static-lff":
+        record["recalibration"] = calibrate_thresholds(routed, job.calib, budget=job.budget(job.calib.shape[1]),
+                                                       show_progress=job.show_progress)
+    else:
+        record["achieved_sparsity"] = achieved_sparsity(routed)["overall"]
+    return record
+
+
+def _restore_fold(job: Job, record: dict) -> None:
+    if record["folded"]:
+        job.routed.fold(record["folded"])
+    job.plan = job.routed.plan
+
+
+@torch.no_grad()
+def held_in_fractions(routed, windows: torch.Tensor) -> dict[str, float]:
+    """Each dynamic unit's execute fraction over the non-sink tokens of ``windows`` (threshold mode)."""
+    from irc.eval.routed import inference_mode
+
+    inference_mode(routed)
+    routed.reset_stats()
+    for batch in windows.split(1):
+        routed(batch)
+    sinks = min(routed.plan.n_sink, windows.shape[1]) * windows.shape[0]
+    return {n: (u.executed - sinks) / max(u.tokens - sinks, 1) for n, u in routed.units.items()}
+
+
+def _evaluate(job: Job) -> dict:
+    from irc.eval import evaluate_perplexity
+    from irc.eval.routed import evaluate_routed
+    from irc.train.lff_fit import forecaster_errors
+
+    c, routed = job.config, job.routed
+    heldout = token_stream(load_corpus(c.eval_data, default_split="heldout"), job.base.tokenizer)
+    evaluation = {"data": c.eval_data, "seq_len": c.eval_seq_len, "max_tokens": c.eval_tokens}
+    if c.evaluate_dense:
+        dense = evaluate_perplexity(job.base.model, heldout, seq_len=c.eval_seq_len, max_tokens=c.eval_tokens,
+                                    show_progress=job.show_progress)
+        evaluation["dense_perplexity"] = dense.perplexity
+    result = evaluate_routed(routed, heldout, seq_len=c.eval_seq_len, max_tokens=c.eval_tokens,
+                             sparsity=job.nominal_sparsity() if job.plan.variant == "mod" else None,
+                             show_progress=job.show_progress)
+    evaluation.update({"perplexity": result["perplexity"], "tokens": result["tokens"],
+                       "sparsity": result["sparsity"], "flops_per_token": result["flops_per_token"],
+                       "routers": len(routed.units), "folded": len(getattr(routed, "folded", {}))})
+    if c.variant in ("informed", "static-lff") and routed.units:
+        evaluation["lff_relative_error"] = {k: round(v, 4) for k, v in forecaster_errors(routed, job.calib[:1]).items()}
+    return evaluation
+
+
+def _learned(c: ConvertConfig) -> bool:
+    return c.variant in ("informed", "skip", "mod") and (c.sparsity or c.flops_saved or 0) > 0
+
+
+# The job, in order. A stage runs when ``applies(config)``; each is checkpointed.
+STAGES: list[Stage] = [
+    Stage("plan", lambda c: True, _plan, ("training", "plan"), restore=_restore_plan),
+    Stage("lff", lambda c: c.variant in ("informed", "static-lff"), _lff, ("training", "lff"), data=_lff_data),
+    Stage("init", lambda c: c.variant == "informed" and c.router_init, _init, ("training", "router_init"),
+          data=_init_data),
+    Stage("routers", _learned, _routers, ("training", "routers"), data=_routers_data),
+    Stage("lora", lambda c: c.lora_steps > 0 and c.variant not in ("static", "static-lff"), _lora,
+          ("training", "lora"), data=_lora_data),
+    Stage("select", lambda c: c.variant == "static-lff", _select, ("training", "static_lff")),
+    Stage("calibrate", lambda c: c.variant in ("informed", "skip"), _calibrate, ("calibration",)),
+    Stage("fold", lambda c: c.variant == "static-lff" or (c.fold_epsilon is not None and c.variant
+                                                            in ("informed", "skip")),
+          _fold, ("fold",), restore=_restore_fold),
+    Stage("evaluate", lambda c: True, _evaluate, ("evaluation",)),
+]
+
+
+def _put(records: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        records = records.setdefault(key, {})
+    records[path[-1]] = value
 
 
 def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool = False, overwrite: bool = False,
@@ -156,24 +480,14 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
     ``on_stage(name, info)`` is called after every stage and router checkpoint
     (for progress reporting; raising from it interrupts the run like a kill would).
     """
-    from irc.eval import evaluate_perplexity
-    from irc.eval.routed import evaluate_routed
+    from irc.eval.routed import inference_mode
     from irc.models import load_model
-    from irc.routing import route
-    from irc.train.calibrate import calibrate_thresholds
-    from irc.train.lff_fit import LFFFitConfig, fit_closed_form, fit_smoothl1, forecaster_errors
-    from irc.train.router_init import init_routers
-    from irc.train.router_train import RouterTrainConfig, train_routers
-    from irc.train.static import block_influence, layers_to_drop
     from irc.train.windows import make_windows
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; choose another directory or pass --overwrite")
-    on_stage = on_stage or (lambda name, info: None)
     start = time.perf_counter()
-    times: dict[str, float] = {}
-    records: dict = {"training": {"config": config.to_dict(), "sparsity": config.sparsity}}
     torch.manual_seed(config.seed)
     base = load_model(source, dtype=config.dtype)
     longest = max(config.lff_seq_len, config.train_seq_len, config.eval_seq_len)
@@ -182,139 +496,48 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
                         "positions; use shorter windows")
     work = _Work(out, config, str(source), resume)
     stream = token_stream(load_corpus(config.data, default_split="train"), base.tokenizer)
-    cursor = 0
-
-    def take(count: int, seq_len: int):
-        nonlocal cursor
-        w = make_windows(stream, seq_len, count, start=cursor)
-        cursor += count * seq_len
-        return w
-
-    calib = make_windows(stream[len(stream) - config.calib_windows * config.lff_seq_len :], config.lff_seq_len,
-                         config.calib_windows)
-    stream = stream[: len(stream) - config.calib_windows * config.lff_seq_len]  # the rest never sees calibration
-    plan = config.plan()
-    if config.variant == "static":
+    held = config.calib_windows * config.lff_seq_len
+    calib = make_windows(stream[len(stream) - held :], config.lff_seq_len, config.calib_windows)
+    job = Job(config=config, source=str(source), base=base, stream=stream[: len(stream) - held], calib=calib,
+              work=work, log=log, show_progress=show_progress, on_stage=on_stage or (lambda name, info: None))
+    job.records = {"training": {"config": config.to_dict(), "sparsity": config.sparsity,
+                                "flops_saved": config.flops_saved}}
+    seconds: dict[str, float] = {}
+    for stage in STAGES:
+        if not stage.applies(config):
+            continue
+        if stage.data is not None:
+            stage.data(job)
         t = time.perf_counter()
-        influence = block_influence(base.model, calib)
-        plan = replace(plan, variant="static", layers=layers_to_drop(influence, config.sparsity))
-        records["training"]["block_influence"] = [round(x, 5) for x in influence]
-        times["block_influence"] = time.perf_counter() - t
-        log(f"static: dropping layers {list(plan.layers)} (lowest block influence)")
-    routed = route(base, plan)
-
-    def stage(name: str, run) -> None:
-        """Run ``run()`` unless the stage's checkpoint exists; then save it, time it, report it."""
-        t = time.perf_counter()
-        checkpoint = f"stage-{name}.safetensors"
-        if work.has(checkpoint):
-            work.load_routing(checkpoint, routed)
-            log(f"stage {name}: resumed from checkpoint")
+        checkpoint = f"stage-{stage.name}"
+        if work.has(checkpoint + ".json"):
+            saved = work.read_json(checkpoint + ".json")
+            if stage.restore is not None:
+                stage.restore(job, saved["record"])
+            if work.has(checkpoint + ".safetensors"):
+                work.load_routing(checkpoint + ".safetensors", job.routed)
+            record, seconds[stage.name] = saved["record"], saved["seconds"]
+            log(f"stage {stage.name}: resumed from checkpoint")
         else:
-            run()
-            work.save_routing(checkpoint, routed)
-        times[name] = time.perf_counter() - t
-        on_stage(name, {})
-
-    if config.variant == "informed":
-        lff_windows = take(config.lff_windows, config.lff_seq_len)
-
-        def fit() -> None:
-            fit_cfg = LFFFitConfig(method=config.lff_method)
-            if config.lff_method == "closed-form":
-                stats = fit_closed_form(routed, lff_windows, fit_cfg, show_progress=show_progress)
-                rel = sorted(s["relative_error"] for s in stats.values())
-                records["training"]["lff"] = {"method": "closed-form",
-                                              "tokens_per_unit": next(iter(stats.values()))["tokens"],
-                                              "relative_error_median": rel[len(rel) // 2],
-                                              "relative_error_range": [rel[0], rel[-1]]}
-                if config.lff_activation == "silu":
-                    fit_smoothl1(routed, lff_windows, fit_cfg, init=False, steps=fit_cfg.steps,
-                                 show_progress=show_progress)
-            else:
-                loss = fit_smoothl1(routed, lff_windows, fit_cfg, show_progress=show_progress)
-                records["training"]["lff"] = {"method": "smoothl1", **loss}
-
-        stage("lff", fit)
-        if config.router_init:
-            init_windows = take(config.init_windows, config.lff_seq_len)
-            stage("init", lambda: records["training"].__setitem__(
-                "router_init", init_routers(routed, init_windows, config.sparsity, show_progress=show_progress)))
-
-    if config.variant in ("informed", "skip", "mod") and config.sparsity > 0:
-        remaining = (len(stream) - cursor) // config.train_seq_len
-        train_windows = take(min(remaining, config.router_steps * config.batch_size), config.train_seq_len)
-        train_cfg = RouterTrainConfig(sparsity=config.sparsity, steps=config.router_steps,
-                                      batch_size=config.batch_size, lr=config.lr,
-                                      checkpoint_every=config.checkpoint_every)
-        t = time.perf_counter()
-        state = None
-        if work.has("stage-routers.pt"):
-            state = work.load_obj("stage-routers.pt")
-            log(f"stage routers: resuming at step {state.step} of {train_cfg.steps}")
-
-        def checkpoint(snapshot):
-            work.save_obj("stage-routers.pt", snapshot)
-            on_stage("routers-checkpoint", {"step": snapshot.step})
-
-        if state is None or state.step < train_cfg.steps:
-            state = train_routers(routed, train_windows, train_cfg, resume=state, on_checkpoint=checkpoint,
-                                  show_progress=show_progress)
-        else:
-            for name, unit in routed.units.items():
-                unit.router.load_state_dict({k[len(name) + 1 :]: v for k, v in state.routers.items()
-                                             if k.startswith(name + ".")})
-        records["training"]["routers"] = {"steps": state.step, "last": state.history[-1] if state.history else None}
-        times["routers"] = time.perf_counter() - t
-        on_stage("routers", {})
-
-    if config.lora_steps > 0 and plan.lora_rank > 0:
-        from irc.train.lora_train import LoRATrainConfig, train_lora
-
-        def lora() -> None:
-            lora_windows = take(min((len(stream) - cursor) // config.train_seq_len,
-                                    config.lora_steps * config.batch_size), config.train_seq_len)
-            records["training"]["lora"] = train_lora(routed, lora_windows, LoRATrainConfig(
-                steps=config.lora_steps, batch_size=config.batch_size), show_progress=show_progress)
-
-        stage("lora", lora)
-
-    t = time.perf_counter()
-    if work.has("stage-calibrated.safetensors"):
-        work.load_routing("stage-calibrated.safetensors", routed)
-        records["calibration"] = json.loads(work.path("calibration.json").read_text())
-    else:
-        records["calibration"] = calibrate_thresholds(routed, calib, config.sparsity, show_progress=show_progress)
-        work.save_routing("stage-calibrated.safetensors", routed)
-        write_json_atomic(work.path("calibration.json"), records["calibration"])
-    times["calibrate"] = time.perf_counter() - t
-    on_stage("calibrate", {})
-
-    t = time.perf_counter()
-    heldout = token_stream(load_corpus(config.eval_data, default_split="heldout"), base.tokenizer)
-    evaluation = {"data": config.eval_data, "seq_len": config.eval_seq_len, "max_tokens": config.eval_tokens}
-    if config.evaluate_dense:
-        dense = evaluate_perplexity(base.model, heldout, seq_len=config.eval_seq_len, max_tokens=config.eval_tokens,
-                                    show_progress=show_progress)
-        evaluation["dense_perplexity"] = dense.perplexity
-    result = evaluate_routed(routed, heldout, seq_len=config.eval_seq_len, max_tokens=config.eval_tokens,
-                             sparsity=config.sparsity, show_progress=show_progress)
-    evaluation.update({"perplexity": result["perplexity"], "tokens": result["tokens"],
-                       "sparsity": result["sparsity"], "flops_per_token": result["flops_per_token"]})
-    if config.variant == "informed":
-        evaluation["lff_relative_error"] = {k: round(v, 4) for k, v in forecaster_errors(routed, calib[:1]).items()}
-        inference_mode_reset(routed, config)
-    times["evaluate"] = time.perf_counter() - t
-    records["evaluation"] = evaluation
-    records["training"]["seconds"] = {k: round(v, 1) for k, v in times.items()}
+            record = stage.run(job)
+            seconds[stage.name] = round(time.perf_counter() - t, 1)
+            if job.routed is not None:
+                work.save_routing(checkpoint + ".safetensors", job.routed)
+            write_json_atomic(work.path(checkpoint + ".json"), {"record": record, "seconds": seconds[stage.name]})
+        if stage.record_at and record is not None:
+            _put(job.records, stage.record_at, record)
+        job.on_stage(stage.name, {})
+    records = job.records
+    plan_record = records["training"].pop("plan", {})
+    if "block_influence" in plan_record:
+        records["training"]["block_influence"] = plan_record["block_influence"]
+    if job.plan.variant == "mod":
+        records["training"]["nominal_sparsity"] = job.nominal_sparsity()
+    records["training"]["seconds"] = seconds
     records["training"]["total_seconds"] = round(time.perf_counter() - start, 1)
+    routed = job.routed
+    inference_mode(routed, job.nominal_sparsity() if job.plan.variant == "mod" else None)
     routed.records = records
     routed.save(out, overwrite=overwrite)
     work.remove()
     return {"out": str(out), **records}
-
-
-def inference_mode_reset(routed, config: ConvertConfig) -> None:
-    from irc.eval.routed import inference_mode
-
-    inference_mode(routed, config.sparsity)

@@ -1,6 +1,7 @@
 """Stage 3: train the routers (everything else frozen).
 
-Loss ``CE_LM + 8·|(1 − s) − ē| + 0.1·cosreg`` (see ``losses``), hard Gumbel-softmax
+Loss ``CE_LM + 8·|target − ē| + 0.1·cosreg`` (see ``losses``; target ``1 − s``
+for unit sparsity, or a FLOP budget's weighted execute fraction), hard Gumbel-softmax
 gates with a straight-through gradient, temperature annealed linearly from
 ``tau_start`` to ``tau_end``; AdamW with a cosine or constant schedule and
 gradient accumulation. Routers train in fp32 (a bf16 model keeps bf16
@@ -39,6 +40,13 @@ class RouterTrainConfig:
     sparsity_weight: float = 8.0
     cos_weight: float = 0.1
     checkpoint_every: int = 20
+    # a compute budget (irc.eval.flops.Budget): ē weighted per unit name, aiming at its target;
+    # None: the paper's unit sparsity (equal weights, target 1 − sparsity)
+    budget: object | None = None
+
+    @property
+    def exec_target(self) -> float:
+        return self.budget.target if self.budget is not None else 1.0 - self.sparsity
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -95,13 +103,16 @@ def train_routers(routed, windows: torch.Tensor, config: RouterTrainConfig, *, r
         optimizer.load_state_dict(resume.optimizer)
         torch.set_rng_state(resume.rng)
     units = list(routed.units.values())
+    weights = None
+    if config.budget is not None:
+        weights = [config.budget.weights[name] for name in routed.units]
     bar = progress(total=config.steps, desc="router training", unit="step", enabled=show_progress)
     bar.update(state.step)
     try:
         while state.step < config.steps:
             step = state.step
             tau = config.tau(step)
-            routed.set_routing("train", tau=tau, capacity=1.0 - config.sparsity, record=True)
+            routed.set_routing("train", tau=tau, capacity=config.exec_target, record=True)
             routed.reset_stats()
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * config.lr_factor(step)
@@ -114,9 +125,9 @@ def train_routers(routed, windows: torch.Tensor, config: RouterTrainConfig, *, r
                 logits = routed(batch, mask)
                 ce = lm_loss(logits, batch, mask)
                 loss = ce
-                e_bar, cos = routing_terms(units)
+                e_bar, cos = routing_terms(units, weights)
                 if e_bar is not None:
-                    loss = loss + config.sparsity_weight * (1 - config.sparsity - e_bar).abs() + config.cos_weight * cos
+                    loss = loss + config.sparsity_weight * (config.exec_target - e_bar).abs() + config.cos_weight * cos
                     totals["exec"] += float(e_bar.detach()) / config.grad_accum
                 (loss / config.grad_accum).backward()
                 totals["loss"] += float(loss.detach()) / config.grad_accum
@@ -158,3 +169,62 @@ def _fractions_by_kind(units) -> dict[str, float]:
         acc[0] += u.executed
         acc[1] += u.tokens
     return {k: e / t for k, (e, t) in by.items() if t}
+
+
+def save_state(state: RouterTrainState, path) -> None:
+    """Write a checkpoint as one safetensors file: tensors, with the rest as JSON metadata.
+
+    Nothing executable: ``load_state`` reads tensors and JSON only (no pickle).
+    """
+    import json
+
+    from safetensors.torch import save
+
+    from irc.cache import atomic_file
+
+    tensors = {f"routers.{k}": v.detach().contiguous().cpu() for k, v in state.routers.items()}
+    scalars: dict = {}
+    for idx, slot in state.optimizer.get("state", {}).items():
+        for k, v in slot.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    if state.rng is not None:
+        tensors["rng"] = state.rng
+    meta = {"step": state.step, "history": state.history,
+            "param_groups": state.optimizer.get("param_groups", []), "optim_scalars": scalars}
+    with atomic_file(path, "wb") as f:
+        f.write(save(tensors, metadata={"irc_router_state": json.dumps(meta)}))
+
+
+def load_state(path) -> RouterTrainState:
+    """Read a checkpoint written by ``save_state``; a damaged file is a ``UserError``."""
+    import json
+
+    from safetensors import safe_open
+
+    from irc.errors import UserError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["irc_router_state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any failure to parse means the file is unusable
+        raise UserError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); "
+                        "run without --resume to start over") from None
+    optim_state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            idx, name = k[len("optim."):].split(".", 1)
+            optim_state.setdefault(int(idx), {})[name] = v
+    for k, v in meta["optim_scalars"].items():
+        idx, name = k.split(".", 1)
+        optim_state.setdefault(int(idx), {})[name] = v
+    return RouterTrainState(
+        step=meta["step"],
+        routers={k[len("routers."):]: v for k, v in tensors.items() if k.startswith("routers.")},
+        optimizer={"state": optim_state, "param_groups": meta["param_groups"]},
+        rng=tensors.get("rng"),
+        history=meta["history"],
+    )

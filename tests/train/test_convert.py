@@ -121,3 +121,34 @@ def test_convert_with_lora(tiny_dirs, tiny_corpus, tmp_path):
     manifest = json.loads((out / "irc.json").read_text())
     assert manifest["plan"]["lora_rank"] == 4
     assert any(".lora." in k for k in load_file(out / "routing.safetensors"))
+
+
+def test_flops_budget_convert_and_eval_dial(tiny_dirs, tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "flops"
+    summary = convert(str(tiny_dirs["llama"]), out, _config(tiny_corpus, sparsity=None, flops_saved=0.2),
+                      show_progress=False, log=lambda s: None)
+    ev = summary["evaluation"]
+    assert summary["calibration"]["budget"] == "flops"
+    # calibrated on held-in windows: the held-out figure lands near the target
+    assert ev["flops_per_token"]["saved"] == pytest.approx(0.2, abs=0.03)
+    assert summary["calibration"]["achieved_flops_saved"] == pytest.approx(0.2, abs=0.01)
+    assert main(["eval", str(out), "--data", str(tiny_corpus / "heldout.jsonl"), "--seq-len", "64",
+                 "--max-tokens", "640", "--dtype", "fp32", "--flops-saved", "0.3",
+                 "--calib-data", str(tiny_corpus / "train.jsonl"), "--json"]) == 0
+    moved = json.loads(capsys.readouterr().out)
+    assert moved["calibration"]["achieved_flops_saved"] == pytest.approx(0.3, abs=0.01)
+    assert moved["flops_per_token"]["saved"] == pytest.approx(0.3, abs=0.03)
+    assert main(["eval", str(out), "--flops-saved", "0.99", "--dtype", "fp32", "--seq-len", "64",
+                 "--calib-data", str(tiny_corpus / "train.jsonl")]) == 2
+    assert "out of reach" in capsys.readouterr().err
+
+
+def test_a_budget_is_required_and_single(tiny_corpus):
+    from irc.errors import UserError
+
+    with pytest.raises(UserError, match="exactly one budget"):
+        _config(tiny_corpus, sparsity=None)
+    with pytest.raises(UserError, match="exactly one budget"):
+        _config(tiny_corpus, sparsity=0.2, flops_saved=0.2)
+    with pytest.raises(UserError, match="static-lff chooses units by FLOPs"):
+        _config(tiny_corpus, variant="static-lff")
