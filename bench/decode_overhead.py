@@ -76,7 +76,7 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "decode_overhead"))
     args = p.parse_args()
 
-    from irc.eval.speed import text_inputs
+    from irc.benchmark.speed import text_inputs
 
     from irc.generation.capture import capture_decode
 

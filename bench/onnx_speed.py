@@ -1,6 +1,6 @@
 """Dense vs routed prefill of a routed SmolLM2 in ONNX Runtime (and PyTorch), on this CPU.
 
-Runs ``irc.eval.speed.bench_speed`` (what ``irc bench`` runs) for each backend and
+Runs ``irc.benchmark.speed.bench_speed`` (what ``irc bench`` runs) for each backend and
 routing given, on real held-out text, and writes one table per run into
 docs/results/onnx_speed.{json,md}, with the command that produced it.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from irc.eval.speed import SpeedConfig, bench_speed, markdown_table  # noqa: E402
+from irc.benchmark.speed import SpeedConfig, bench_speed, markdown_table  # noqa: E402
 
 
 def main() -> int:

@@ -112,15 +112,20 @@ def _interleaved(dense, routed, ids, mask, warmup: int, repeats: int) -> dict:
             "speedup_pair_min": pairs[0], "speedup_pair_max": pairs[-1]}
 
 
-def _execute_fraction(routed, ids, mask) -> float | None:
-    for unit in routed.units.values():
+def _execute_fraction(routed, ids, mask) -> tuple[float | None, float]:
+    """(execute fraction over every routed unit, FLOPs per token saved) on this input."""
+    from irc.eval.routed import routed_flops
+    from irc.eval.sparsity import all_units
+
+    units = all_units(routed).values()
+    for unit in units:
         unit.reset_stats()
         unit.record = True
     with torch.inference_mode():
         routed(ids, mask)
-    executed = sum(u.executed for u in routed.units.values())
-    tokens = sum(u.tokens for u in routed.units.values())
-    return executed / tokens if tokens else None
+    executed = sum(u.executed for u in units)
+    tokens = sum(u.tokens for u in units)
+    return (executed / tokens if tokens else None), routed_flops(routed, ids.shape[1])["saved"]
 
 
 def _onnx_pair(routed, routed_dir: Path, config: SpeedConfig, onnx_dir: Path, log, profile: str = "portable"):
@@ -220,17 +225,18 @@ def bench_speed(routed_dir: str | Path, backend: str = "torch", config: SpeedCon
     for T in config.seq_lens:
         ids = inputs[T]
         mask = torch.ones_like(ids)
-        fraction = _execute_fraction(routed, ids, mask)
+        fraction, flops_saved = _execute_fraction(routed, ids, mask)
         routed.set_routing(config.routing, capacity=config.capacity, record=False)
         with torch.inference_mode():
             row = _interleaved(dense, routed_call, ids, mask, config.warmup, config.repeats)
         row = {"seq_len": T, "batch": config.batch, **row,
                "dense_tok_s": config.batch * T / (row["dense_ms"] / 1e3),
-               "routed_tok_s": config.batch * T / (row["routed_ms"] / 1e3), "execute_fraction": fraction}
+               "routed_tok_s": config.batch * T / (row["routed_ms"] / 1e3), "execute_fraction": fraction,
+               "flops_saved": flops_saved}
         result.rows.append(row)
         log(f"T={T:5d} B={config.batch}: dense {row['dense_ms']:8.1f} ms  routed {row['routed_ms']:8.1f} ms  "
             f"speedup {row['speedup']:.2f}x [{row['speedup_pair_min']:.2f}-{row['speedup_pair_max']:.2f}]  "
-            f"executed {fraction:.3f}")
+            f"executed {fraction:.3f}  FLOPs saved {100 * flops_saved:.1f}%")
     if config.memory and backend == "trt":
         log("peak memory is not measured for engines (TensorRT allocates outside this process's RSS view)")
     elif config.memory:
@@ -292,7 +298,7 @@ def memory_profile(routed_dir: Path, backend: str, side: str, config: SpeedConfi
             torch.save({str(T): ids}, ids_path)
             spec = {"routed_dir": str(routed_dir), "backend": backend, "side": side, "config": asdict(config),
                     "onnx_paths": [str(p) for p in onnx_paths] if onnx_paths else None, "inputs": str(ids_path)}
-            done = subprocess.run([sys.executable, "-m", "irc.eval.speed", json.dumps(spec)],
+            done = subprocess.run([sys.executable, "-m", "irc.benchmark.speed", json.dumps(spec)],
                                   capture_output=True, text=True, env={**os.environ, "IRC_PROGRESS": "0"})
             if done.returncode != 0:
                 raise RuntimeError(f"memory measurement of {side} at T={T} failed:\n{done.stderr[-2000:]}")
@@ -330,12 +336,17 @@ def _mb(row: dict, side: str) -> str:
     return "—" if value is None else f"{value:,.0f}"
 
 
+def _fmt_pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
 def markdown_table(result: SpeedResult) -> list[str]:
-    lines = ["| T | B | dense tok/s | routed tok/s | speedup (medians) | pair range | executed | "
+    lines = ["| T | B | dense tok/s | routed tok/s | speedup (medians) | pair range | executed | FLOPs saved | "
              "dense peak extra MB | routed peak extra MB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result.rows:
         lines.append(f"| {r['seq_len']} | {r['batch']} | {r['dense_tok_s']:,.0f} | {r['routed_tok_s']:,.0f} | "
                      f"{r['speedup']:.2f}× | {r['speedup_pair_min']:.2f}–{r['speedup_pair_max']:.2f}× | "
-                     f"{r['execute_fraction']:.3f} | {_mb(r, 'dense')} | {_mb(r, 'routed')} |")
+                     f"{r['execute_fraction']:.3f} | {_fmt_pct(r.get('flops_saved'))} | {_mb(r, 'dense')} | "
+                     f"{_mb(r, 'routed')} |")
     return lines

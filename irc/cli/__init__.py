@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "eval",
     "data": "data",
     "inspect": "inspect",
+    "fold": "fold",
     "export": "export",
     "generate": "generate",
     "run": "run",

@@ -381,25 +381,14 @@ def _calibrate(job: Job) -> dict:
 def _fold(job: Job) -> dict:
     """Fold the units whose held-in execute fraction (non-sink tokens) is ≤ ε or ≥ 1 − ε, then
     recalibrate the units that keep their routers so the budget still holds."""
-    from irc.eval.sparsity import achieved_sparsity
-    from irc.passes.fold_static_routes import choose_folds
-    from irc.train.calibrate import calibrate_thresholds
+    from irc.train.fold import fold_routed
 
-    c, routed = job.config, job.routed
-    epsilon = 0.0 if c.variant == "static-lff" else c.fold_epsilon
-    fractions = held_in_fractions(routed, job.calib)
-    folds = choose_folds(fractions, epsilon)
-    record = {"epsilon": epsilon, "held_in_execute": {n: round(f, 5) for n, f in fractions.items()},
-              "folded": folds, "routers_before": len(routed.units)}
-    if folds:
-        routed.fold(folds)
-    record["routers_after"] = len(routed.units)
-    job.plan = routed.plan
-    if folds and routed.units and c.variant != "static-lff":
-        record["recalibration"] = calibrate_thresholds(routed, job.calib, budget=job.budget(job.calib.shape[1]),
-                                                       show_progress=job.show_progress)
-    else:
-        record["achieved_sparsity"] = achieved_sparsity(routed)["overall"]
+    c = job.config
+    static = c.variant == "static-lff"  # its choice is already constant: fold everything, keep the thresholds
+    record = fold_routed(job.routed, job.calib, 0.0 if static else c.fold_epsilon,
+                         budget=None if static else (lambda routed: job.budget(job.calib.shape[1])),
+                         show_progress=job.show_progress)
+    job.plan = job.routed.plan
     return record
 
 
@@ -407,19 +396,6 @@ def _restore_fold(job: Job, record: dict) -> None:
     if record["folded"]:
         job.routed.fold(record["folded"])
     job.plan = job.routed.plan
-
-
-@torch.no_grad()
-def held_in_fractions(routed, windows: torch.Tensor) -> dict[str, float]:
-    """Each dynamic unit's execute fraction over the non-sink tokens of ``windows`` (threshold mode)."""
-    from irc.eval.routed import inference_mode
-
-    inference_mode(routed)
-    routed.reset_stats()
-    for batch in windows.split(1):
-        routed(batch)
-    sinks = min(routed.plan.n_sink, windows.shape[1]) * windows.shape[0]
-    return {n: (u.executed - sinks) / max(u.tokens - sinks, 1) for n, u in routed.units.items()}
 
 
 def _evaluate(job: Job) -> dict:

@@ -1,0 +1,282 @@
+"""The quality–compute frontier on SmolLM2-135M: perplexity against FLOPs saved.
+
+Rows, at FLOP budgets of 10, 20, 30 and 40% (``--budgets``):
+
+- ``informed-sparsity`` — the paper's objective: trained and calibrated for the
+  unit sparsity whose uniform execute fraction would save the budget's FLOPs
+  (it lands wherever its learned allocation puts it: attention is cheap per unit);
+- ``informed-flops``    — trained and calibrated for the FLOP budget (``--flops-saved``);
+- ``informed-folded``   — that model folded at ε = 0.05 (``irc fold``) and recalibrated;
+- ``static-lff``        — whole units replaced by their forecasters, chosen greedily;
+- ``skip`` (SkipGPT), ``static`` (ShortGPT), ``mod`` (Mixture-of-Depths) at the budget.
+
+Every row but ``informed-folded`` is a full ``irc convert``; evaluation on the
+wiki held-out split (first 20,480 tokens, windows of 1024, bf16). For informed
+rows the table also gives the units that are near-static on held-in data
+(≤ 5% or ≥ 95% of non-sink tokens executed), the units folded, and with
+``--speed`` the ONNX Runtime prefill speedup over dense at T = 1024
+(``irc bench --backend ort``). JSON, Markdown and the plot are rewritten after
+every row; ``--resume`` keeps rows already measured, ``--only`` picks rows.
+
+    .venv/bin/python bench/frontier.py --resume                            # the whole grid
+    .venv/bin/python bench/frontier.py --resume --only informed-flops@0.20 --speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BUDGETS = (0.10, 0.20, 0.30, 0.40)
+METHODS = ("informed-sparsity", "informed-flops", "informed-folded", "static-lff", "skip", "static", "mod")
+INFORMED = ("informed-sparsity", "informed-flops", "informed-folded")
+FOLD_EPSILON = 0.05
+STYLE = {  # method → (label, matplotlib format)
+    "informed-sparsity": ("informed, unit sparsity (paper)", "o--"),
+    "informed-flops": ("informed, FLOP budget", "o-"),
+    "informed-folded": ("informed, FLOP budget, folded", "s-"),
+    "static-lff": ("static forecaster replacement", "^-"),
+    "skip": ("skip (SkipGPT)", "v:"),
+    "static": ("static (ShortGPT)", "d:"),
+    "mod": ("mod (Mixture-of-Depths)", "x:"),
+}
+
+
+def key(method: str, budget: float) -> str:
+    return f"{method}@{budget:.2f}"
+
+
+def write(out: Path, result: dict) -> None:
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = result["rows"]
+    dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
+    lines = [
+        "# The quality–compute frontier (SmolLM2-135M)",
+        "",
+        "![perplexity against FLOPs saved](frontier.png)",
+        "",
+        f"Perplexity on the wiki held-out split (first {result['eval_tokens']:,} tokens, windows of 1024, bf16) "
+        "against the FLOPs per token saved (routers and forecasters counted, at the execute fractions reached on "
+        "that text). Each row is an `irc convert` (training on wiki:train, calibration on its last windows); "
+        "`informed-folded` is the `informed-flops` model of the same budget folded at ε = 0.05 and recalibrated. "
+        "Near-static: units executing ≤ 5% or ≥ 95% of held-in non-sink tokens (of 60). ORT speedup: "
+        "`irc bench --backend ort` at T = 1024 (measured alone on the machine).",
+        "",
+        f"Command: `{result['command']}`; {result['machine']}. "
+        f"{'Complete.' if result['complete'] else 'Partial: rows not yet run are missing (the grid runs across sessions with --resume).'}",
+        "",
+        "| method | budget | preset | perplexity | × dense | FLOPs saved | unit sparsity | attn s | MLP s "
+        "| near-static | folded | routers | ORT speedup T=1024 | convert time |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    fmt = lambda v, f="{:.2f}": "–" if v is None else f.format(v)  # noqa: E731
+    order = {m: i for i, m in enumerate(("dense", *METHODS))}
+    for r in sorted(rows, key=lambda r: (r["budget"], order[r["method"]])):
+        kinds = r.get("sparsity_by_kind") or {}
+        lines.append("| " + " | ".join([
+            r["method"], f"{100 * r['budget']:.0f}%", r.get("preset", "–"), f"{r['perplexity']:.2f}",
+            f"{r['perplexity'] / dense:.2f}×" if dense else "–", f"{100 * r['flops_saved']:.1f}%",
+            fmt(r.get("unit_sparsity")), fmt(kinds.get("attn")), fmt(kinds.get("mlp")),
+            fmt(r.get("near_static"), "{}"), fmt(r.get("folded"), "{}"), fmt(r.get("routers"), "{}"),
+            fmt(r.get("ort_speedup"), "{:.2f}×"), fmt(r.get("seconds"), "{:.0f} s"),
+        ]) + " |")
+    notes = [n for n in result.get("notes", [])] + [f"{r['method']} {100 * r['budget']:.0f}%: {r['note']}"
+                                                  for r in rows if r.get("note")]
+    if notes:
+        lines += ["", "Notes:", "", *[f"- {n}" for n in notes]]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(out.with_suffix(".png"), rows, dense)
+
+
+def plot(path: Path, rows: list[dict], dense: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    if dense:
+        ax.axhline(dense, color="black", lw=1, label=f"dense ({dense:.2f})")
+    for method in METHODS:
+        pts = sorted((100 * r["flops_saved"], r["perplexity"], r.get("preset")) for r in rows if r["method"] == method)
+        if not pts:
+            continue
+        label, style = STYLE[method]
+        presets = sorted({p for _, _, p in pts if p})
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{label} [{'/'.join(presets)}]", ms=6)
+    ax.set_yscale("log")
+    ax.set_xlabel("FLOPs per token saved (%)")
+    ax.set_ylabel("perplexity, wiki held-out (log)")
+    ax.set_title("SmolLM2-135M: quality vs compute")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    plt.close(fig)
+
+
+def _entry(method: str, budget: float, preset: str, summary: dict) -> dict:
+    ev = summary["evaluation"]
+    fold = summary.get("fold") or {}
+    return {"method": method, "budget": budget, "preset": preset, "perplexity": ev["perplexity"],
+            "flops_saved": ev["flops_per_token"]["saved"], "unit_sparsity": ev["sparsity"]["overall"],
+            "sparsity_by_kind": ev["sparsity"]["by_kind"], "routers": ev.get("routers"),
+            "folded": len(fold.get("folded", {})) if fold else 0,
+            "seconds": summary["training"]["total_seconds"], "config": summary["training"]["config"]}
+
+
+def run_convert(method: str, budget: float, preset: str, out_dir: Path) -> dict:
+    from irc.eval.flops import sparsity_for_flops
+    from irc.models import load_model
+    from irc.plan import RoutingPlan
+    from irc.train.convert import ConvertConfig, convert
+    from irc.train.fold import held_in_fractions, near_static
+
+    overrides = {"evaluate_dense": False}
+    if method == "informed-sparsity":
+        arch = load_model("smollm2-135m", dtype="bf16").arch
+        s = sparsity_for_flops(arch, RoutingPlan(), 1024, budget)
+        config = ConvertConfig.from_preset(round(s, 4), preset, **overrides)
+    else:
+        variant = "informed" if method == "informed-flops" else method
+        config = ConvertConfig.from_preset(None, preset, flops_saved=budget, variant=variant, **overrides)
+    summary = convert("smollm2-135m", out_dir, config, overwrite=True, log=print)
+    entry = _entry(method, budget, preset, summary)
+    if method.startswith("informed"):
+        import irc
+        from irc.train.windows import make_windows
+
+        routed = irc.load(out_dir)
+        entry["near_static"] = near_static(held_in_fractions(routed, _held_in(routed, make_windows)))
+    return entry
+
+
+def _held_in(routed, make_windows):
+    from irc.data import load_corpus, token_stream
+
+    stream = token_stream(load_corpus("wiki:train"), routed.tokenizer)
+    return make_windows(stream[len(stream) - 4 * 1024:], 1024, 4)
+
+
+def run_folded(budget: float, source: Path, out_dir: Path) -> dict:
+    """Fold the informed-flops model of this budget (no retraining) and evaluate it."""
+    import irc
+    from irc.data import load_corpus, token_stream
+    from irc.eval.routed import evaluate_routed, routed_budget
+    from irc.train.fold import fold_routed
+    from irc.train.windows import make_windows
+
+    t = time.perf_counter()
+    routed = irc.load(source)
+    calib = _held_in(routed, make_windows)
+    record = fold_routed(routed, calib, FOLD_EPSILON,
+                         budget=lambda r: routed_budget(r, flops_saved=budget, seq_len=1024))
+    heldout = token_stream(load_corpus("wiki:heldout"), routed.tokenizer)
+    ev = evaluate_routed(routed, heldout, seq_len=1024, max_tokens=20480)
+    routed.records = {**routed.records, "fold": record,
+                      "evaluation": {**routed.records.get("evaluation", {}), **{k: ev[k] for k in
+                                     ("perplexity", "tokens", "sparsity", "flops_per_token")}}}
+    routed.save(out_dir, overwrite=True)
+    return {"method": "informed-folded", "budget": budget, "preset": routed.records["training"]["config"]["preset"],
+            "perplexity": ev["perplexity"], "flops_saved": ev["flops_per_token"]["saved"],
+            "unit_sparsity": ev["sparsity"]["overall"], "sparsity_by_kind": ev["sparsity"]["by_kind"],
+            "routers": len(routed.units), "folded": len(record["folded"]), "near_static": record["near_static"],
+            "seconds": round(time.perf_counter() - t, 1)}
+
+
+def ort_speedup(model_dir: Path) -> float:
+    from irc.benchmark.speed import SpeedConfig, bench_speed
+
+    result = bench_speed(str(model_dir), "ort", SpeedConfig(seq_lens=(1024,)))
+    return result.rows[0]["speedup"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budgets", default=",".join(f"{b:.2f}" for b in BUDGETS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--informed-preset", default="standard", choices=["quick", "standard"],
+                   help="preset of the informed rows (default standard)")
+    p.add_argument("--baseline-preset", default="quick", choices=["quick", "standard"],
+                   help="preset of the skip / mod rows (default quick; static and static-lff train no routers)")
+    p.add_argument("--only", help="comma-separated row keys, e.g. informed-flops@0.20,static-lff@0.20")
+    p.add_argument("--resume", action="store_true", help="keep rows already in the JSON")
+    p.add_argument("--speed", action="store_true",
+                   help="measure the ORT prefill speedup at T=1024 of informed rows (exports ONNX: minutes each)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "frontier"))
+    p.add_argument("--work", default=str(ROOT / "runs" / "frontier"))
+    args = p.parse_args()
+
+    import torch
+
+    out, work = Path(args.out), Path(args.work)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = ("python bench/frontier.py " + " ".join(sys.argv[1:])).strip()
+    result = {"command": command, "eval_tokens": 20480, "rows": [], "complete": False, "notes": [],
+              "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    if args.resume and out.with_suffix(".json").is_file():
+        previous = json.loads(out.with_suffix(".json").read_text())
+        result["rows"], result["notes"] = previous["rows"], previous.get("notes", [])
+        result["commands"] = sorted(set(previous.get("commands", [previous.get("command")])) | {command})
+    else:
+        result["commands"] = [command]
+    budgets = [float(b) for b in args.budgets.split(",")]
+    methods = args.methods.split(",")
+    wanted = [("dense", 0.0)] + [(m, b) for b in budgets for m in methods]
+    if args.only:
+        keep = set(args.only.split(","))
+        wanted = [(m, b) for m, b in wanted if key(m, b) in keep]
+    done = {key(r["method"], r["budget"]): r for r in result["rows"]}
+    for method, budget in wanted:
+        k = key(method, budget)
+        row = done.get(k)
+        if row is None:
+            print(f"=== {k}", flush=True)
+            t = time.perf_counter()
+            if method == "dense":
+                from irc.data import load_corpus, token_stream
+                from irc.eval import evaluate_perplexity
+                from irc.models import load_model
+
+                base = load_model("smollm2-135m", dtype="bf16")
+                r = evaluate_perplexity(base.model, token_stream(load_corpus("wiki:heldout"), base.tokenizer),
+                                        seq_len=1024, max_tokens=20480)
+                row = {"method": "dense", "budget": 0.0, "perplexity": r.perplexity, "flops_saved": 0.0,
+                       "unit_sparsity": 0.0}
+            elif method == "informed-folded":
+                source = work / key("informed-flops", budget)
+                if not (source / "irc.json").is_file():
+                    print(f"    skipped: needs {key('informed-flops', budget)} first", flush=True)
+                    continue
+                row = run_folded(budget, source, work / k)
+            else:
+                preset = args.informed_preset if method.startswith("informed") else args.baseline_preset
+                row = run_convert(method, budget, preset, work / k)
+            row["row_seconds"] = round(time.perf_counter() - t, 1)
+            result["rows"] = [r for r in result["rows"] if key(r["method"], r["budget"]) != k] + [row]
+            done[k] = row
+            write(out, result)
+            print(f"    perplexity {row['perplexity']:.2f} flops saved {row['flops_saved']:.3f}", flush=True)
+        if args.speed and method in INFORMED and row.get("ort_speedup") is None:
+            print(f"=== {k}: ORT speedup at T=1024", flush=True)
+            row["ort_speedup"] = ort_speedup(work / k)
+            write(out, result)
+            print(f"    speedup {row['ort_speedup']:.2f}x", flush=True)
+    all_keys = {key(m, b) for m in METHODS for b in BUDGETS} | {key("dense", 0.0)}
+    result["complete"] = all_keys <= {key(r["method"], r["budget"]) for r in result["rows"]}
+    write(out, result)
+    print(f"wrote {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""Folding a trained routed model: measure held-in execute fractions, fold, recalibrate.
+
+The compiler side of what the routers learned: a unit whose route is (almost)
+constant on held-in data loses its router (``irc.passes.fold_static_routes``);
+the units that keep routers are recalibrated so the model's budget still holds
+(folding moves a unit at 3% to 0% of non-sink tokens, or at 97% to 100%).
+Used by ``irc convert --fold-epsilon``, ``irc fold`` and the frontier benchmark.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def held_in_fractions(routed, windows: torch.Tensor) -> dict[str, float]:
+    """Each dynamic unit's execute fraction over the non-sink tokens of ``windows`` (threshold mode)."""
+    from irc.eval.routed import inference_mode
+
+    inference_mode(routed)
+    routed.reset_stats()
+    for batch in windows.split(1):
+        routed(batch)
+    sinks = min(routed.plan.n_sink, windows.shape[1]) * windows.shape[0]
+    return {n: (u.executed - sinks) / max(u.tokens - sinks, 1) for n, u in routed.units.items()}
+
+
+def near_static(fractions: dict[str, float], epsilon: float = 0.05) -> int:
+    """How many units execute ≤ ε or ≥ 1 − ε of the (non-sink) tokens."""
+    return sum(1 for f in fractions.values() if f <= epsilon or f >= 1 - epsilon)
+
+
+def fold_routed(routed, windows: torch.Tensor, epsilon: float, *, budget=None, show_progress: bool = True) -> dict:
+    """Fold ``routed`` in place at ``epsilon``; with ``budget`` (a callable of the model giving an
+    ``irc.eval.flops.Budget``), recalibrate the remaining routers to it. Returns the record."""
+    from irc.eval.sparsity import achieved_sparsity
+    from irc.passes.fold_static_routes import choose_folds
+    from irc.train.calibrate import calibrate_thresholds
+
+    fractions = held_in_fractions(routed, windows)
+    folds = choose_folds(fractions, epsilon)
+    record = {"epsilon": epsilon, "held_in_execute": {n: round(f, 5) for n, f in fractions.items()},
+              "near_static": near_static(fractions), "folded": folds, "routers_before": len(routed.units)}
+    if folds:
+        routed.fold(folds)
+    record["routers_after"] = len(routed.units)
+    if folds and routed.units and budget is not None:
+        record["recalibration"] = calibrate_thresholds(routed, windows, budget=budget(routed),
+                                                       show_progress=show_progress)
+    else:
+        held_in_fractions(routed, windows)  # the counters now hold the folded model's fractions
+        record["achieved_sparsity"] = achieved_sparsity(routed)["overall"]
+    return record
