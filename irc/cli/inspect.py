@@ -26,6 +26,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
     p.add_argument("--dot", metavar="FILE", help="draw the shown unit to FILE (.svg, or .dot for DOT text)")
     p.add_argument("--no-code", action="store_true", help="do not print the unit's code")
+    p.add_argument("--prompt", metavar="TEXT", help="the text whose routing --heatmap draws")
+    p.add_argument("--heatmap", metavar="FILE",
+                   help="draw tokens × units routing decisions for --prompt to FILE (.png or .svg), with each "
+                        "unit's execute fraction on held-in data; routed model directories only")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -43,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.dot and not args.dot.endswith((".svg", ".dot")):
         raise UserError(f"--dot writes .svg or .dot files, got {args.dot}")
+    if args.heatmap or args.prompt:
+        _check_heatmap_args(args)
     start = time.perf_counter()
     if is_routed_dir(args.model):
         routed = irc.load(args.model, dtype=args.dtype)
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no routed unit {name}; routed units: {', '.join(list(routed.units)[:6])}...")
     unit = routed.units[name]
     drawn = write_drawing(unit, args.dot, f"{name} of {args.model}") if args.dot else None
+    heat = _heatmap(routed, args) if args.heatmap else None
     plan = routed.plan
     if args.json:
         emit_json({
@@ -65,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             "flops_per_token": {"dense": dense, "routed": after},
             "nodes": {"captured": routed.capture_nodes, "top_level": len(routed.gm.graph.nodes)},
             "diff": [{"op": op, "before": b, "after": a} for op, b, a in diff],
-            "passes": routed.passes, "drawing": args.dot,
+            "passes": routed.passes, "drawing": args.dot, "heatmap": heat,
         })
         return 0
     info(f"model   {routed.base.describe()}")
@@ -101,6 +108,33 @@ def run(args: argparse.Namespace) -> int:
     if drawn:
         info("")
         info(f"drawing: wrote {args.dot} ({drawn})")
+    if heat:
+        info(f"heatmap: wrote {args.heatmap} ({len(heat['units'])} units × {len(heat['tokens'])} tokens, "
+             f"{heat['mode']} mode; execute fractions {heat['execute_fraction_source']})")
     info(f"PASSED inspect {time.perf_counter() - start:.1f}s units={len(routed.units)} "
          f"flops {dense / 1e6:.1f}→{after / 1e6:.1f} MFLOP/token ({dense / after:.2f}×) at sparsity {args.sparsity}")
     return 0
+
+
+def _check_heatmap_args(args: argparse.Namespace) -> None:
+    """``--prompt``/``--heatmap`` checks that need no model: they fail before anything loads."""
+    from irc.errors import UserError
+    from irc.inspect.heatmap import check_heatmap_path
+    from irc.routing import is_routed_dir
+
+    if not args.heatmap:
+        raise UserError("--prompt is only used with --heatmap FILE.png|FILE.svg; add one or drop --prompt")
+    if not args.prompt:
+        raise UserError("--heatmap needs --prompt TEXT: the text whose routing decisions it draws")
+    check_heatmap_path(args.heatmap)
+    if not is_routed_dir(args.model):
+        raise UserError(f"--heatmap needs a routed model directory (with irc.json), got {args.model!r}: the "
+                        f"untrained routers of a base model execute every token; convert it first with "
+                        f"irc convert {args.model} -o OUT")
+
+
+def _heatmap(routed, args: argparse.Namespace) -> dict:
+    from irc.inspect.heatmap import routing_heatmap
+
+    return routing_heatmap(routed, args.prompt, args.heatmap, title=f"routing decisions of {args.model}",
+                           show_progress=not args.json)
