@@ -8,7 +8,9 @@ Rows, at FLOP budgets of 10, 20, 30 and 40% (``--budgets``):
 - ``informed-flops``    — trained and calibrated for the FLOP budget (``--flops-saved``);
 - ``informed-folded``   — that model folded at ε = 0.05 (``irc fold``) and recalibrated;
 - ``static-lff``        — whole units replaced by their forecasters, chosen greedily;
-- ``skip`` (SkipGPT), ``static`` (ShortGPT), ``mod`` (Mixture-of-Depths) at the budget.
+- ``skip`` (SkipGPT), ``static`` (ShortGPT), ``mod`` (Mixture-of-Depths) at the budget;
+- ``informed-lora`` (not in the default grid: ``--methods``) — ``informed-flops`` followed by the
+  paper's stage 4, LoRA (rank 16, α 32, q/v/gate) for half as many steps as router training.
 
 Every row but ``informed-folded`` is a full ``irc convert``; evaluation on the
 wiki held-out split (first 20,480 tokens, windows of 1024, bf16). For informed
@@ -36,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 BUDGETS = (0.10, 0.20, 0.30, 0.40)
 METHODS = ("informed-sparsity", "informed-flops", "informed-folded", "static-lff", "skip", "static", "mod")
-INFORMED = ("informed-sparsity", "informed-flops", "informed-folded")
+INFORMED = ("informed-sparsity", "informed-flops", "informed-folded", "informed-lora")
 FOLD_EPSILON = 0.05
 STYLE = {  # method → (label, matplotlib format)
     "informed-sparsity": ("informed, unit sparsity (paper)", "o--"),
@@ -46,6 +48,7 @@ STYLE = {  # method → (label, matplotlib format)
     "skip": ("skip (SkipGPT)", "v:"),
     "static": ("static (ShortGPT)", "d:"),
     "mod": ("mod (Mixture-of-Depths)", "x:"),
+    "informed-lora": ("informed, FLOP budget, + LoRA", "P-"),
 }
 
 
@@ -77,7 +80,7 @@ def write(out: Path, result: dict) -> None:
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     fmt = lambda v, f="{:.2f}": "–" if v is None else f.format(v)  # noqa: E731
-    order = {m: i for i, m in enumerate(("dense", *METHODS))}
+    order = {m: i for i, m in enumerate(("dense", *STYLE))}
     for r in sorted(rows, key=lambda r: (r["budget"], order[r["method"]])):
         kinds = r.get("sparsity_by_kind") or {}
         lines.append("| " + " | ".join([
@@ -104,7 +107,7 @@ def plot(path: Path, rows: list[dict], dense: float | None) -> None:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     if dense:
         ax.axhline(dense, color="black", lw=1, label=f"dense ({dense:.2f})")
-    for method in METHODS:
+    for method in STYLE:
         pts = sorted((100 * r["flops_saved"], r["perplexity"], r.get("preset")) for r in rows if r["method"] == method)
         if not pts:
             continue
@@ -147,7 +150,11 @@ def run_convert(method: str, budget: float, preset: str, out_dir: Path) -> dict:
         s = sparsity_for_flops(arch, RoutingPlan(), 1024, budget)
         config = ConvertConfig.from_preset(round(s, 4), preset, **overrides)
     else:
-        variant = "informed" if method == "informed-flops" else method
+        if method == "informed-lora":
+            from irc.train.convert import PRESETS
+
+            overrides["lora_steps"] = PRESETS[preset]["router_steps"] // 2
+        variant = "informed" if method.startswith("informed") else method
         config = ConvertConfig.from_preset(None, preset, flops_saved=budget, variant=variant, **overrides)
     summary = convert("smollm2-135m", out_dir, config, overwrite=True, log=print)
     entry = _entry(method, budget, preset, summary)

@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from irc.benchmark.speed import SpeedConfig, bench_speed, markdown_table
     from irc.cli.common import emit_json, info
     from irc.errors import UserError
-    from irc.benchmark.speed import SpeedConfig, bench_speed, markdown_table
 
     try:
         seq_lens = tuple(int(s) for s in args.seq_lens.split(",") if s.strip())

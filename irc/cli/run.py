@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         probs = logits[0, -1].softmax(-1)
         top = probs.topk(args.top)
         candidates = [{"token": tok.decode([int(i)]), "id": int(i), "p": float(p)}
-                      for p, i in zip(top.values, top.indices)]
+                      for p, i in zip(top.values, top.indices, strict=True)]
         new = []
         eos = getattr(tok, "eos_token_id", None)
         t0 = time.perf_counter()
