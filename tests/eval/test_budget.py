@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from irc.eval.flops import affine_cost, flops_budget, folded_unit_flops, model_flops, sparsity_budget
+from irc.eval.flops import (
+    affine_cost,
+    flops_budget,
+    folded_unit_flops,
+    model_flops,
+    sparsity_budget,
+)
 from irc.models.arch import Architecture
 from irc.plan import RoutingPlan
 from irc.train.losses import routing_terms
