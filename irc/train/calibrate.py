@@ -99,6 +99,7 @@ def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float | None =
             "target_flops_saved": budget.value if budget.kind == "flops" else None,
             "achieved_flops_saved": flops["saved"],
             "achieved_sparsity": achieved["overall"], "by_kind": achieved["by_kind"],
+            "by_unit": {n: round(v, 5) for n, v in achieved["by_unit"].items() if v is not None},
             "thresholds": {n: round(float(u.threshold), 4) for n, u in units.items()}}
 
 
