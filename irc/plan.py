@@ -6,6 +6,7 @@ is what ``irc.json`` records and what ``route_decoder_blocks`` applies.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 
 VARIANTS = ("informed", "skip", "mod", "static")
@@ -13,6 +14,7 @@ LFF_ACTIVATIONS = ("identity", "silu")
 KINDS = ("attn", "mlp")
 KV_POLICIES = ("keep", "drop")
 MODES = ("train", "threshold", "capacity", "mask", "dense")
+FOLDS = ("forecast", "plain")  # how a folded unit runs (irc.passes.fold_static_routes)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class RoutingPlan:
     - ``capacity``: the execute fraction c of ``capacity`` mode (k = ceil(c·T)).
     - ``lora_rank`` / ``lora_alpha`` / ``lora_targets``: LoRA on the units' projections
       (rank 0: none).
+    - ``folded``: units whose route was folded to a constant (``fold_static_routes``), as
+      ``(unit name, how)`` pairs: ``forecast`` (every non-sink token takes the forecaster)
+      or ``plain`` (every token executes, no router). JSON: a ``{name: how}`` object.
     """
 
     variant: str = "informed"
@@ -47,8 +52,12 @@ class RoutingPlan:
     lora_rank: int = 0  # 0: no LoRA
     lora_alpha: float = 32.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj", "gate_proj")
+    folded: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "folded", _folds(self.folded))
+        if self.folded and self.variant not in ("informed", "skip"):
+            raise ValueError(f"folded units need per-unit routing (informed or skip), got variant {self.variant!r}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
@@ -78,6 +87,11 @@ class RoutingPlan:
             raise ValueError(f"capacity must be in (0, 1], got {self.capacity}")
         if self.layers is not None and any(i < 0 for i in self.layers):
             raise ValueError(f"layers must be non-negative indices, got {self.layers}")
+        for name, _ in self.folded:
+            layer, kind = _unit_order((name, ""))
+            if not self.selects(layer, kind):
+                raise ValueError(f"folded unit {name} is not one this plan routes (kinds {self.kinds}, "
+                                 f"layers {'all' if self.layers is None else self.layers})")
 
     def router_width(self, hidden: int) -> int:
         return self.router_hidden or max(hidden // 4 - 200, hidden // 8)
@@ -91,6 +105,7 @@ class RoutingPlan:
         d["kinds"] = list(self.kinds)
         d["lora_targets"] = list(self.lora_targets)
         d["layers"] = None if self.layers is None else list(self.layers)
+        d["folded"] = dict(self.folded)
         return d
 
     @classmethod
@@ -100,3 +115,25 @@ class RoutingPlan:
         if unknown:
             raise ValueError(f"unknown routing plan fields: {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def _folds(folded) -> tuple[tuple[str, str], ...]:
+    """``folded`` as sorted ``(name, how)`` pairs, from pairs or a ``{name: how}`` mapping."""
+    pairs = list(folded.items()) if isinstance(folded, dict) else [tuple(p) for p in folded]
+    for pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[0], str):
+            raise ValueError(f"folded must hold (unit name, how) pairs, got {pair!r}")
+        name, how = pair
+        if re.fullmatch(r"layer\d+_(attn|mlp)", name) is None:
+            raise ValueError(f"folded unit names look like layer3_attn or layer3_mlp, got {name!r}")
+        if how not in FOLDS:
+            raise ValueError(f"a unit folds to one of {', '.join(FOLDS)}, got {how!r} for {name}")
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"folded names a unit twice: {sorted(n for n in names if names.count(n) > 1)[0]}")
+    return tuple(sorted(pairs, key=_unit_order))
+
+
+def _unit_order(pair: tuple[str, str]) -> tuple[int, str]:
+    layer, _, kind = pair[0][len("layer"):].partition("_")
+    return int(layer), kind

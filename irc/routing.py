@@ -6,6 +6,7 @@
     logits = routed(input_ids)                        # [B, T, V]
     routed.save("runs/smollm2-s25")
     again = irc.load("runs/smollm2-s25")              # re-captures, re-applies, checks the base
+    routed.fold({"layer3_attn": "forecast"})          # constant routes compiled away (plan.folded)
 
 The directory format (DESIGN.md §4): ``irc.json`` (format version, base source and
 the sha256 of its weights, architecture, routing plan, per-unit facts, training
@@ -15,6 +16,7 @@ threshold tensors, and nothing of the base model).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -32,8 +34,10 @@ from irc.errors import UserError
 from irc.inspect.summary import op_counts as op_counts_of
 from irc.models import LoadedModel, load_model
 from irc.passes.drop_noop_conversions import drop_noop_conversions
+from irc.passes.fold_static_routes import fold_static_routes
 from irc.passes.pipeline import run_passes
-from irc.passes.route_decoder_blocks import route_decoder_blocks, routed_modules, set_routing
+from irc.passes.result import PassResult
+from irc.passes.route_decoder_blocks import folded_modules, route_decoder_blocks, routed_modules, set_routing
 from irc.plan import RoutingPlan
 
 FORMAT = "irc-routed-model"
@@ -57,7 +61,23 @@ class RoutedModel:
 
     @property
     def units(self) -> dict[str, torch.nn.Module]:
+        """The dynamic units: those with a router (folded units are in ``folded``)."""
         return routed_modules(self.gm)
+
+    @property
+    def folded(self) -> dict[str, torch.nn.Module]:
+        """The folded units (``FoldedUnit``), by name."""
+        return folded_modules(self.gm)
+
+    def fold(self, folds: dict[str, str]) -> PassResult:
+        """Fold the named units (``{name: "forecast" | "plain"}``, see ``choose_folds``) and record
+        it in the plan, so that ``save`` → ``load`` re-applies the fold."""
+        plan = dataclasses.replace(self.plan, folded={**dict(self.plan.folded), **folds})  # validates
+        result = fold_static_routes(self.gm, folds)
+        self.plan = plan
+        self.passes.append({"pass": "fold_static_routes", "modified": result.modified,
+                            **{k: v for k, v in result.stats.items() if k != "folded"}})
+        return result
 
     @property
     def tokenizer(self):
@@ -71,7 +91,7 @@ class RoutedModel:
         set_routing(self.gm, mode, **kwargs)
 
     def reset_stats(self) -> None:
-        for u in self.units.values():
+        for u in (*self.units.values(), *self.folded.values()):
             u.reset_stats()
 
     def execute_fractions(self) -> dict[str, float | None]:
@@ -87,6 +107,12 @@ class RoutedModel:
                     for k, v in module.state_dict().items():
                         state[f"{name}.{part}.{k}"] = v
             state[f"{name}.threshold"] = unit.threshold
+        for name, unit in self.folded.items():  # no router, no threshold
+            for part in ("forecaster", "lora"):
+                module = getattr(unit, part, None)
+                if module is not None:
+                    for k, v in module.state_dict().items():
+                        state[f"{name}.{part}.{k}"] = v
         return state
 
     def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -95,27 +121,35 @@ class RoutedModel:
         if missing or unexpected:
             raise UserError(f"routing weights do not fit the routing plan: missing "
                             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-        for name, unit in self.units.items():
+        for name, unit in (*self.units.items(), *self.folded.items()):
             for part in ("router", "forecaster", "lora"):
                 module = getattr(unit, part, None)
                 if module is not None:
                     prefix = f"{name}.{part}."
                     module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-            unit.threshold.copy_(state[f"{name}.threshold"])
+            if name in self.units:
+                unit.threshold.copy_(state[f"{name}.threshold"])
 
     def describe_units(self) -> list[dict]:
+        """One row per routed or folded unit, in graph order (folded ones with ``"folded": how``)."""
         rows = []
-        for name, unit in self.units.items():
-            rows.append({
+        units, folded = self.units, self.folded
+        for name, unit in self.gm.named_children():
+            if name not in units and name not in folded:
+                continue
+            row = {
                 "name": name,
                 "layer": unit.layer,
                 "kind": unit.kind,
                 "variant": self.plan.variant,
-                "router_width": unit.router.fc1.out_features,
+                "router_width": unit.router.fc1.out_features if unit.router is not None else None,
                 "lff_rank": unit.forecaster.w1.out_features if unit.forecaster is not None else None,
-                "threshold": float(unit.threshold),
+                "threshold": float(unit.threshold) if name in units else None,
                 "execute_fraction": unit.execute_fraction,
-            })
+            }
+            if name in folded:
+                row["folded"] = unit.how
+            rows.append(row)
         return rows
 
     def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
@@ -170,6 +204,9 @@ def route(base: LoadedModel, plan: RoutingPlan | None = None, *, dump_dir: str |
         # the rewrite: each selected unit becomes a RoutedUnit (or a RoutedLayer for `mod`)
         ("route_decoder_blocks", lambda g: route_decoder_blocks(g, plan)),
     ]
+    if plan.folded:
+        # the units whose route was found constant: plain or forecast-only, no router
+        passes.append(("fold_static_routes", lambda g: fold_static_routes(g, dict(plan.folded))))
     report = run_passes(gm, passes, dump_dir)
     return RoutedModel(gm=gm, plan=plan, base=base, passes=report, capture_nodes=captured.nodes,
                        capture_op_counts=op_counts)

@@ -13,6 +13,11 @@ calibrating the prefill graph afterwards moves the decode graph too.
 The routing *settings* (mode, sparse, capacity, ...) are copied from the
 prefill units at every ``Decoder.sync()``; the execute counters stay separate, so
 they count the decoded tokens only.
+
+Folded units (``plan.folded``) are folded in the decode graph by the same pass,
+their forecasters and LoRA deltas tied likewise; a model folded after its
+decoder was built (``RoutedModel.fold``) has the decoder folded to match at the
+next ``decoder_for``.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from irc.errors import UserError
 from irc.generation.capture import cache_shape, capture_decode, empty_cache
 from irc.nn.cached_unit import StepHint
 from irc.passes.drop_noop_conversions import drop_noop_conversions
+from irc.passes.fold_static_routes import fold_static_routes
 from irc.passes.pipeline import run_passes
-from irc.passes.route_decoder_blocks import route_decoder_blocks, routed_modules
+from irc.passes.route_decoder_blocks import folded_modules, route_decoder_blocks, routed_modules
 
 _SETTINGS = ("mode", "sparse", "tau", "capacity", "record")
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -56,7 +62,7 @@ class Decoder:
             unit.keep = None
 
     def reset_stats(self) -> None:
-        for unit in self.units.values():
+        for unit in self._unit_list():  # folded units too: their counters are not reported, only reset
             unit.reset_stats()
 
     def execute_fraction(self) -> float | None:
@@ -89,7 +95,7 @@ class Decoder:
 
     def _unit_list(self) -> list:
         if getattr(self, "_units", None) is None:
-            self._units = list(self.units.values())
+            self._units = [*self.units.values(), *folded_modules(self.gm).values()]
         return self._units
 
 
@@ -99,6 +105,11 @@ def decoder_for(routed) -> Decoder:
     if decoder is None:
         decoder = build_decoder(routed)
         _DECODERS[routed.gm] = decoder
+    pending = {name: how for name, how in routed.plan.folded if name not in folded_modules(decoder.gm)}
+    if pending:  # folded after the decoder was built
+        fold_static_routes(decoder.gm, pending)
+        _tie(decoder.gm, routed)
+        decoder._units = None
     decoder.sync()
     return decoder
 
@@ -114,6 +125,8 @@ def build_decoder(routed) -> Decoder:
         ("drop_noop_conversions", drop_noop_conversions),
         ("route_decoder_blocks", lambda g: route_decoder_blocks(g, routed.plan)),
     ]
+    if routed.plan.folded:
+        passes.append(("fold_static_routes", lambda g: fold_static_routes(g, dict(routed.plan.folded))))
     run_passes(gm, passes)
     _tie(gm, routed)
     return Decoder(gm=gm, routed=routed, capture_seconds=time.perf_counter() - start)
@@ -130,6 +143,15 @@ def _tie(gm: GraphModule, routed) -> None:
         unit.router = source.router
         unit.forecaster = source.forecaster
         unit.threshold = source.threshold  # a registered buffer: the same tensor object
+        if getattr(source, "lora", None) is not None:
+            _tie_lora(unit, source)
+    folded, prefill_folded = folded_modules(gm), routed.folded
+    if list(folded) != list(prefill_folded):
+        raise RuntimeError(f"the decode graph's folded units {list(folded)[:4]}… differ from the prefill "
+                           f"graph's {list(prefill_folded)[:4]}…")
+    for name, unit in folded.items():
+        source = prefill_folded[name]
+        unit.forecaster = source.forecaster
         if getattr(source, "lora", None) is not None:
             _tie_lora(unit, source)
     _tie_parameters(gm, routed.gm)

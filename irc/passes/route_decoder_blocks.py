@@ -29,6 +29,7 @@ from torch.fx import GraphModule, Node
 
 from irc.errors import UserError
 from irc.nn.cached_unit import CachedRoutedUnit
+from irc.nn.folded_unit import FoldedUnit
 from irc.nn.forecaster import Forecaster
 from irc.nn.routed_layer import RoutedLayer
 from irc.nn.routed_unit import RoutedUnit
@@ -240,9 +241,21 @@ def routed_modules(gm: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in gm.named_children() if isinstance(m, (RoutedUnit, RoutedLayer))}
 
 
+def folded_modules(gm: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The folded units of a rewritten model (``fold_static_routes``), by name, in graph order."""
+    return {name: m for name, m in gm.named_children() if isinstance(m, FoldedUnit)}
+
+
 def set_routing(gm: torch.nn.Module, mode: str, *, sparse: bool = True, tau: float | None = None,
                 capacity: float | None = None, masks: dict | None = None, record: bool | None = None) -> None:
-    """Set the routing mode (and its settings) of every routed module in ``gm``."""
+    """Set the routing mode (and its settings) of every routed module in ``gm``.
+
+    Folded units have no mode (a compile-time specialisation): they take ``record`` only.
+    """
+    for m in folded_modules(gm).values():
+        m.set_mode(mode)  # validates the mode; a folded unit ignores it
+        if record is not None:
+            m.record = record
     for name, m in routed_modules(gm).items():
         m.set_mode(mode)
         m.sparse = sparse
