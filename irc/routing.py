@@ -37,7 +37,12 @@ from irc.passes.drop_noop_conversions import drop_noop_conversions
 from irc.passes.fold_static_routes import fold_static_routes
 from irc.passes.pipeline import run_passes
 from irc.passes.result import PassResult
-from irc.passes.route_decoder_blocks import folded_modules, route_decoder_blocks, routed_modules, set_routing
+from irc.passes.route_decoder_blocks import (
+    folded_modules,
+    route_decoder_blocks,
+    routed_modules,
+    set_routing,
+)
 from irc.plan import RoutingPlan
 
 FORMAT = "irc-routed-model"
@@ -246,7 +251,7 @@ def load(directory: str | Path, *, dtype: str | torch.dtype | None = None, base:
     routed = route(loaded, plan)
     # load_state_dict copies into the existing tensors, casting to their dtype
     routed.load_routing_state(load_file(directory / "routing.safetensors"))
-    routed.records = {k: v for k, v in manifest.items() if k in ("training", "evaluation", "calibration")}
+    routed.records = {k: v for k, v in manifest.items() if k in ("training", "evaluation", "calibration", "fold")}
     return routed
 
 

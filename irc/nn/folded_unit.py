@@ -89,13 +89,17 @@ class FoldedUnit(RoutingState):
         hint = self._hint(attention_mask, T)
         if hint is not None:  # one new token at batch 1, in eager decoding: no mask work at all
             return self._one_token(a, extras, hint)
-        full = attention_mask.bool()  # [B, T], or [B, P+T] in decode graphs
-        pad = full[:, full.shape[1] - T:]  # [B, T], True on real (new) tokens
+        P = attention_mask.shape[1] - T  # past tokens (0 in prefill graphs)
         if self.how == "plain":
-            self._count_tokens(pad, pad)
+            if self._counting():
+                pad = attention_mask[:, P:].bool()
+                self._count(pad, pad)
             return self.body(*subset_args(self.body_roles, a, extras))
-        sinks = sink_mask(full, self.n_sink)[:, full.shape[1] - T:]  # [B, T]
-        self._count_tokens(sinks, pad)
+        full = attention_mask.bool()  # [B, P+T]
+        pad = full[:, P:]  # [B, T], True on real (new) tokens
+        sinks = sink_mask(full, self.n_sink)[:, P:]  # [B, T]
+        if self._counting():
+            self._count(sinks, pad)
         out = self._forecast(a, pad & ~sinks)  # [B, T, D]
         if self.n_sink == 0 or (self._eager() and not bool(sinks.any())):
             return self._with_cache(out, self._zero_cache(extras, T))
@@ -200,9 +204,8 @@ class FoldedUnit(RoutingState):
         """Python branches on tensor values are allowed (not exporting, not asked to trace)."""
         return not (self.traceable or torch.compiler.is_exporting())
 
-    def _count_tokens(self, execute, pad) -> None:
-        if self.record and self._eager():
-            self._count(execute, pad)
+    def _counting(self) -> bool:
+        return self.record and self._eager()  # counters read tensor values
 
     def _with_cache(self, out, cache):
         return (out, *cache) if self.cache is not None else out
