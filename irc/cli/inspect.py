@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
     after = sum(r.routed_flops for r in rows) + routed.arch.head_flops()
     diff = node_diff(routed)
     name = f"layer{args.layer}" if routed.plan.variant == "mod" else f"layer{args.layer}_{args.unit}"
-    if name not in routed.units:
+    unit = routed.units.get(name, routed.folded.get(name))
+    if unit is None:
         raise UserError(f"no routed unit {name}; routed units: {', '.join(list(routed.units)[:6])}...")
-    unit = routed.units[name]
     drawn = write_drawing(unit, args.dot, f"{name} of {args.model}") if args.dot else None
     heat = _heatmap(routed, args) if args.heatmap else None
     plan = routed.plan
@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         emit_json({
             "model": args.model, "plan": plan.to_dict(), "sparsity": args.sparsity, "seq_len": args.seq_len,
             "units": [r.__dict__ for r in rows], "routed_units": len(routed.units),
+            "folded_units": {n: u.how for n, u in routed.folded.items()},
             "flops_per_token": {"dense": dense, "routed": after},
             "nodes": {"captured": routed.capture_nodes, "top_level": len(routed.gm.graph.nodes)},
             "diff": [{"op": op, "before": b, "after": a} for op, b, a in diff],
@@ -81,20 +82,29 @@ def run(args: argparse.Namespace) -> int:
          f"{plan.router_width(routed.arch.hidden)}, LFF rank {plan.lff_rank}, n_sink {plan.n_sink}, "
          f"kv {plan.kv_policy}")
     info(f"graph   {fmt_int(routed.capture_nodes)} captured nodes → {fmt_int(len(routed.gm.graph.nodes))} "
-         f"top-level nodes with {len(routed.units)} routed units")
+         f"top-level nodes with {len(routed.units)} routed units"
+         + (f", {len(routed.folded)} folded (no router)" if routed.folded else ""))
     info("")
     e = 1 - args.sparsity
     achieved = routed.records.get("evaluation", {}).get("sparsity", {}).get("by_unit", {})
+    evidence = any(r.held_in_execute is not None for r in rows)  # the fold's held-in execute fractions
     extra = f" {'achieved s':>10}" if achieved else ""
-    info(f"{'layer':>5}  {'unit':<5} {'routed':<6} {'router':>9} {'LFF':>9} "
+    extra += f" {'held-in e':>9}" if evidence else ""
+    wide = 16 if routed.folded else 6
+    info(f"{'layer':>5}  {'unit':<5} {'routed':<{wide}} {'router':>9} {'LFF':>9} "
          f"{'MFLOP/tok dense':>16} {f'routed @ e={e:.2f}':>16}{extra}")
     for r in rows:
         got = achieved.get(r.name)
         cell = (f" {got:>10.2f}" if got is not None else f" {'–':>10}") if achieved else ""
-        info(f"{r.layer:>5}  {r.kind:<5} {'yes' if r.routed else 'no':<6} {fmt_int(r.router_params):>9} "
+        if evidence:
+            cell += f" {r.held_in_execute:>9.3f}" if r.held_in_execute is not None else f" {'':>9}"
+        status = f"folded: {r.folded}" if r.folded else "yes" if r.routed else "no"
+        router = fmt_int(r.router_params) if not r.folded else ""
+        info(f"{r.layer:>5}  {r.kind:<5} {status:<{wide}} {router:>9} "
              f"{fmt_int(r.lff_params):>9} {r.dense_flops / 1e6:>16.2f} {r.routed_flops / 1e6:>16.2f}{cell}")
-    info(f"{'LM head':<33} {routed.arch.head_flops() / 1e6:>16.2f} {routed.arch.head_flops() / 1e6:>16.2f}")
-    info(f"{'total (T=' + str(args.seq_len) + ')':<33} {dense / 1e6:>16.2f} {after / 1e6:>16.2f}  "
+    lead = 27 + wide
+    info(f"{'LM head':<{lead}} {routed.arch.head_flops() / 1e6:>16.2f} {routed.arch.head_flops() / 1e6:>16.2f}")
+    info(f"{'total (T=' + str(args.seq_len) + ')':<{lead}} {dense / 1e6:>16.2f} {after / 1e6:>16.2f}  "
          f"({dense / after:.2f}× fewer)")
     info("")
     info("graph diff: op counts before the pass → after it (top level plus the units' own bodies)")
