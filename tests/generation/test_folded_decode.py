@@ -1,0 +1,99 @@
+"""Decoding a folded model: the decode graph folds the same units, and equals folded prefill.
+
+(e) greedy decoding of a folded tiny model: every step's logits equal the folded
+    prefill graph's logits at the same position (prompts shorter than n_sink,
+    longer ones, and chunked prompts whose sinks arrive after a non-empty past);
+    a forecast-folded attention unit leaves zeros in the cache rows of non-sink
+    tokens (no keys or values computed for them); a model folded after its
+    decoder was built decodes folded.
+"""
+
+import pytest
+import torch
+from routed_helpers import tiny_routed
+
+from irc.generation import GenerationConfig, generate, left_pad
+from irc.generation.decoder import decoder_for
+from irc.nn.folded_unit import FoldedUnit
+from irc.plan import RoutingPlan
+
+from tolerances import ROUTED_EQUAL
+
+FOLDS = {"layer0_attn": "forecast", "layer0_mlp": "plain", "layer1_mlp": "forecast"}  # layer1_attn routes
+
+
+def _folded(family: str, n_sink: int = 4):
+    _, routed = tiny_routed(family, RoutingPlan(lff_rank=16, n_sink=n_sink))
+    routed.fold(FOLDS)
+    routed.set_routing("threshold")
+    return routed
+
+
+def _ids(T: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 300, (1, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _decode(decoder, ids, chunks):
+    """Logits of ``ids`` fed in chunks of the given sizes (the first left-padded to 4), then one by one."""
+    T = ids.shape[1]
+    first = chunks[0]
+    pad = max(4 - first, 0)
+    step_ids = torch.cat([ids.new_zeros(1, pad), ids[:, :first]], dim=1)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones(1, first, dtype=torch.long)], dim=1)
+    logits, past = decoder.step(step_ids, mask, decoder.empty_cache(1))
+    out, t = [logits[:, pad:]], first
+    for size in [*chunks[1:], *[1] * T]:
+        if t >= T:
+            break
+        size = min(size, T - t)
+        mask = torch.cat([mask, torch.ones(1, size, dtype=torch.long)], dim=1)
+        logits, past = decoder.step(ids[:, t:t + size], mask, past)
+        out.append(logits)
+        t += size
+    return torch.cat(out, dim=1), past
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("chunks", [(1,), (2, 3), (6,)])  # sinks: in the first chunk, split over two, all in one
+def test_decode_steps_equal_folded_prefill(family, chunks):
+    routed = _folded(family)
+    decoder = decoder_for(routed)
+    assert list(decoder.units) == ["layer1_attn"]
+    ids = _ids(14, seed=len(chunks))
+    with torch.no_grad():
+        want = routed(ids)
+        got, past = _decode(decoder, ids, chunks)
+    assert (got - want).abs().max() <= ROUTED_EQUAL
+    # layer 0's attention is forecast-folded: cache rows of the 4 sinks only, zeros after them
+    sinks = max(4 - chunks[0], 0) + 4  # the first prompt chunk is left-padded to 4
+    k0, v0 = past[0], past[1]  # [1, Hkv, padding + 14, hd]
+    assert k0[:, :, sinks - 4:sinks].abs().amax(dim=(0, 1, 3)).min() > 0
+    assert not k0[:, :, sinks:].any() and not v0[:, :, sinks:].any()
+    assert past[2][:, :, sinks:].abs().amax(dim=(0, 1, 3)).min() > 0  # layer 1 routes: every token has keys
+
+
+def test_left_padded_batch_decodes_as_alone():
+    routed = _folded("llama", n_sink=2)
+    gen = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    rows = [_ids(n, seed=n)[0].tolist() for n in (1, 5, 9)]
+    ids, mask = left_pad(rows, pad_id=2)
+    batched = generate(routed, ids, mask, config=gen)
+    for i, row in enumerate(rows):
+        assert batched.tokens[i] == generate(routed, torch.tensor([row]), config=gen).tokens[0]
+
+
+def test_folding_after_the_decoder_was_built():
+    _, routed = tiny_routed("qwen2")
+    routed.set_routing("threshold")
+    decoder = decoder_for(routed)
+    assert len(decoder.units) == 4
+    routed.fold({"layer1_attn": "forecast"})
+    decoder = decoder_for(routed)
+    assert list(decoder.units) == ["layer0_attn", "layer0_mlp", "layer1_mlp"]
+    folded = decoder.gm.layer1_attn
+    assert isinstance(folded, FoldedUnit) and folded.forecaster is routed.folded["layer1_attn"].forecaster
+    ids = _ids(10, seed=3)
+    with torch.no_grad():
+        want = routed(ids)
+        got, _ = _decode(decoder, ids, (4,))
+    assert (got - want).abs().max() <= ROUTED_EQUAL
