@@ -80,13 +80,22 @@ def unit_graph(unit: torch.nn.Module) -> tuple[list[tuple[str, str, str]], list[
         return nodes, edges
     add_part("norm", parts["norm"], {0: "x"})
     a = outputs["norm"]
-    nodes.append(("router", "router: Linear → ReLU → Linear(2)", "router"))
-    nodes.append(("decide", "execute = margin ≥ θ (or top-k) | sinks, & real", "routing"))
-    edges += [(a, "router"), ("router", "decide")]
-    nodes.append(("gather", "token_gather (executed)", "routing"))
+    how = getattr(unit, "how", None)  # a folded unit (fold_static_routes): no router
+    if how == "plain":
+        add_part("body", parts["body"], {0: a})
+        return nodes, edges
+    if how == "forecast":
+        nodes.append(("decide", f"folded: the first {unit.n_sink} real tokens execute, the rest forecast",
+                      "routing"))
+        edges.append((a, "decide"))
+    else:
+        nodes.append(("router", "router: Linear → ReLU → Linear(2)", "router"))
+        nodes.append(("decide", "execute = margin ≥ θ (or top-k) | sinks, & real", "routing"))
+        edges += [(a, "router"), ("router", "decide")]
+    nodes.append(("gather", "token_gather (sinks)" if how else "token_gather (executed)", "routing"))
     edges += [(a, "gather"), ("decide", "gather")]
     if "kv" in parts:
-        add_part("kv", parts["kv"], {0: a})
+        add_part("kv", parts["kv"], {0: "gather" if how else a})
         k_id, v_id = outputs["kv"].split(",")
         sources = {"hidden": "gather", "k": k_id, "v": v_id}
         q_inputs = {i: sources[r.source] for i, r in enumerate(unit.query_roles) if r.source in sources}

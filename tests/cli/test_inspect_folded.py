@@ -16,7 +16,8 @@ def test_inspect_shows_folded_units(tmp_path, capsys):
     routed.records = {"fold": {"epsilon": 0.05, "held_in_execute": {"layer0_attn": 0.012, "layer1_mlp": 0.991,
                                                                     "layer0_mlp": 0.5, "layer1_attn": 0.3}}}
     out = routed.save(tmp_path / "routed")
-    assert main(["inspect", str(out), "--dtype", "fp32", "--layer", "0", "--unit", "attn"]) == 0
+    dot = tmp_path / "unit.dot"
+    assert main(["inspect", str(out), "--dtype", "fp32", "--layer", "0", "--unit", "attn", "--dot", str(dot)]) == 0
     text = capsys.readouterr().out
     lines = text.splitlines()
     rows = {tuple(line.split()[:2]): line for line in lines if line.strip().startswith(("0  ", "1  "))}
@@ -30,7 +31,10 @@ def test_inspect_shows_folded_units(tmp_path, capsys):
     assert router[("0", "mlp")] and router[("1", "attn")]
     assert "2 routed units, 2 folded (no router)" in text
     assert "# --- layer0_attn.kv ---" in text and "# --- layer0_attn.body ---" not in text
-    assert main(["inspect", str(out), "--dtype", "fp32", "--json"]) == 0
+    drawing = dot.read_text()
+    assert "folded: the first 2 real tokens execute" in drawing and "router:" not in drawing
+    assert main(["inspect", str(out), "--dtype", "fp32", "--json", "--layer", "1", "--unit", "mlp",
+                 "--dot", str(tmp_path / "plain.svg")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["folded_units"] == {"layer0_attn": "forecast", "layer1_mlp": "plain"}
     units = {u["name"]: u for u in result["units"]}
