@@ -18,8 +18,10 @@ axes; slots of rows with fewer real tokens than S are masked as keys and their
 results dropped). In the decode graph (``cache`` set) the sinks attend to the
 past sinks too; the unit returns the present cache at full length, the new
 non-sink tokens' keys and values being zeros that no query ever reads (only sinks
-query this layer, and they come before every non-sink token). A step with no new
-sink runs no part of the unit but the norm and the forecaster.
+query this layer, and they come before every non-sink token). In eager decoding a
+step with no new sink runs no part of the unit but the norm and the forecaster; an
+exported graph cannot branch, so it runs the S = min(n_sink, T) slots every step and
+discards them (at T = 1: one token's unit, the price of a branch-free decode graph).
 
 A folded unit is a compile-time specialisation: it ignores the routing mode
 (``set_routing`` only sets its ``record`` flag) and its ``threshold`` buffer. Its
