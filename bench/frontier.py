@@ -144,7 +144,7 @@ def run_convert(method: str, budget: float, preset: str, out_dir: Path) -> dict:
     from irc.train.convert import ConvertConfig, convert
     from irc.train.fold import held_in_fractions, near_static
 
-    overrides = {"evaluate_dense": False}
+    overrides = {"evaluate_dense": False, "fold_epsilon": None}  # folding is a row of its own
     if method == "informed-sparsity":
         arch = load_model("smollm2-135m", dtype="bf16").arch
         s = sparsity_for_flops(arch, RoutingPlan(), 1024, budget)

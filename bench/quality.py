@@ -160,7 +160,8 @@ def main() -> int:
                      "flops_saved": 0.0, "train_seconds": 0.0}
         else:
             config = ConvertConfig.from_preset(row["sparsity"], args.preset, variant=row["variant"],
-                                               evaluate_dense=False, **row.get("overrides", {}))
+                                               evaluate_dense=False, fold_epsilon=None,
+                                               **row.get("overrides", {}))
             summary = convert("smollm2-135m", Path(args.work) / key(row).replace("@", "-"), config,
                               overwrite=True, log=print)
             ev = summary["evaluation"]

@@ -16,18 +16,20 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("model", help="Hugging Face directory, .gguf file, or smollm2-135m")
     p.add_argument("-o", "--out", required=True, help="output directory (the routed model)")
-    budget = p.add_mutually_exclusive_group(required=True)
+    budget = p.add_mutually_exclusive_group()
     budget.add_argument("--flops-saved", type=float, metavar="F",
                         help="compute budget: the share of FLOPs per token saved, in [0, 1) (routers and "
-                        "forecasters counted); router training weights each unit by its cost")
+                        "forecasters counted); router training weights each unit by its cost (the default "
+                        "budget: 0.20)")
     budget.add_argument("--sparsity", type=float, metavar="S",
                         help="the paper's budget: the share of (token, unit) pairs approximated, in [0, 1)")
     p.add_argument("--variant", default="informed", choices=["informed", "skip", "mod", "static", "static-lff"],
                    help="informed (the paper), skip (SkipGPT), mod (Mixture-of-Depths), static (ShortGPT), "
                    "static-lff (whole units replaced by their forecasters, chosen greedily; needs --flops-saved)")
-    p.add_argument("--fold-epsilon", type=float, default=None, metavar="EPS",
+    p.add_argument("--fold-epsilon", type=float, default=0.05, metavar="EPS",
                    help="after calibration, fold units that execute ≤ EPS (forecaster only) or ≥ 1 − EPS "
-                   "(plain unit) of held-in tokens: they lose their routers (default: no folding)")
+                   "(plain unit) of held-in non-sink tokens: they lose their routers (default 0.05)")
+    p.add_argument("--no-fold", action="store_true", help="keep every unit's router (no folding)")
     p.add_argument("--preset", default="quick", choices=["quick", "standard"],
                    help="training budget: quick (minutes, the demo) or standard (the benchmark)")
     p.add_argument("--data", default="wiki:train", help="training corpus (default wiki:train)")
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.router_steps is not None:
         overrides["router_steps"] = args.router_steps
     config = ConvertConfig.from_preset(
-        args.sparsity, args.preset, flops_saved=args.flops_saved, fold_epsilon=args.fold_epsilon, variant=args.variant, data=args.data, eval_data=args.eval_data,
+        args.sparsity, args.preset, flops_saved=args.flops_saved,
+        fold_epsilon=None if args.no_fold else args.fold_epsilon, variant=args.variant, data=args.data, eval_data=args.eval_data,
         seed=args.seed, dtype=args.dtype, lff_rank=args.lff_rank, lff_activation=args.lff_form,
         lff_method=args.lff_fit, kv_policy=args.kv_policy, router_init=not args.no_router_init,
         eval_tokens=args.eval_tokens, evaluate_dense=not args.no_dense_eval, lora_steps=args.lora_steps,
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
          f"perplexity  routed {ev['perplexity']:.2f}")
     target = lambda kind: " target " + (f"{getattr(args, kind):.2f}," if getattr(args, kind) is not None else "–,")  # noqa: E731
     info(f"sparsity   {target('sparsity')} achieved {sp['overall']:.3f} ({by_kind})")
-    flops_target = f"target {100 * args.flops_saved:.1f}%, " if args.flops_saved is not None else ""
+    flops_target = f"target {100 * config.flops_saved:.1f}%, " if config.flops_saved is not None else ""
     info(f"FLOPs       {flops['dense'] / 1e6:.1f} → {flops['routed'] / 1e6:.1f} MFLOP/token "
          f"({flops_target}{100 * flops['saved']:.1f}% saved, routers and forecasters included)")
     fold = summary.get("fold")
