@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
             "model": args.model, "plan": plan.to_dict(), "sparsity": args.sparsity, "seq_len": args.seq_len,
             "units": [r.__dict__ for r in rows], "routed_units": len(routed.units),
             "folded_units": {n: u.how for n, u in routed.folded.items()},
-            "flops_per_token": {"dense": dense, "routed": after},
+            "flops_per_token": {"dense": dense, "routed": after, "saved": 1 - after / dense},
+            "recorded": _recorded(routed),
             "nodes": {"captured": routed.capture_nodes, "top_level": len(routed.gm.graph.nodes)},
             "diff": [{"op": op, "before": b, "after": a} for op, b, a in diff],
             "passes": routed.passes, "drawing": args.dot, "heatmap": heat,
@@ -105,7 +106,11 @@ def run(args: argparse.Namespace) -> int:
     lead = 27 + wide
     info(f"{'LM head':<{lead}} {routed.arch.head_flops() / 1e6:>16.2f} {routed.arch.head_flops() / 1e6:>16.2f}")
     info(f"{'total (T=' + str(args.seq_len) + ')':<{lead}} {dense / 1e6:>16.2f} {after / 1e6:>16.2f}  "
-         f"({dense / after:.2f}× fewer)")
+         f"({dense / after:.2f}× fewer, {100 * (1 - after / dense):.1f}% saved at unit sparsity {args.sparsity})")
+    recorded = _recorded(routed)
+    if recorded:
+        info(f"recorded: unit sparsity {recorded['unit_sparsity']:.3f}, FLOPs saved "
+             f"{100 * recorded['flops_saved']:.1f}% on {recorded['data']} (irc convert's evaluation)")
     info("")
     info("graph diff: op counts before the pass → after it (top level plus the units' own bodies)")
     for op, b, a in diff:
@@ -124,6 +129,15 @@ def run(args: argparse.Namespace) -> int:
     info(f"PASSED inspect {time.perf_counter() - start:.1f}s units={len(routed.units)} "
          f"flops {dense / 1e6:.1f}→{after / 1e6:.1f} MFLOP/token ({dense / after:.2f}×) at sparsity {args.sparsity}")
     return 0
+
+
+def _recorded(routed) -> dict | None:
+    """Unit sparsity and FLOPs saved that ``irc convert`` measured, if this is a converted model."""
+    ev = routed.records.get("evaluation", {})
+    if "flops_per_token" not in ev:
+        return None
+    return {"unit_sparsity": ev["sparsity"]["overall"], "flops_saved": ev["flops_per_token"]["saved"],
+            "data": ev.get("data")}
 
 
 def _check_heatmap_args(args: argparse.Namespace) -> None:
