@@ -130,7 +130,8 @@ class RoutedUnit(RoutingState):
         margin = (logits[..., 0] - logits[..., 1]).float() - self.threshold  # [B, T]
         pos = None
         if self.mode == "capacity":
-            k = math.ceil(self.capacity * T)
+            # the sinks always execute (as in the eager path), even where ceil(c·T) is fewer
+            k = torch.sym_max(math.ceil(self.capacity * T), torch.sym_min(self.n_sink, T))
             score = margin.masked_fill(~pad, -math.inf).masked_fill(sinks, math.inf)
             chosen = torch.zeros_like(pad).scatter(1, top_k_positions(score, k), True)  # [B, T], k per row
             pos = _first_positions(chosen, k)  # [B, k], ascending
