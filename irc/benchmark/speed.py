@@ -314,7 +314,7 @@ def _memory_main(spec: dict) -> dict:
         torch.set_num_threads(config.threads)
     paths = [Path(p) for p in spec["onnx_paths"]] if spec["onnx_paths"] else None
     model = open_side(Path(spec["routed_dir"]), spec["backend"], spec["side"], config, paths)
-    inputs = torch.load(spec["inputs"])
+    inputs = torch.load(spec["inputs"], weights_only=True)
     peaks = {}
     with torch.inference_mode():
         base = RssPeak._rss_mb()
