@@ -15,8 +15,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from irc.errors import UserError
+
+# a temporary entry older than this belongs to a run that was killed (dequantising takes ~15 s)
+STALE_SECONDS = 6 * 3600
 
 
 def cache_dir(*parts: str) -> Path:
@@ -25,6 +31,46 @@ def cache_dir(*parts: str) -> Path:
     path = Path(root).joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def sweep_stale(directory: Path, older_than: float = STALE_SECONDS) -> list[Path]:
+    """Remove the ``.NAME.tmp-*`` entries of killed runs (those older than ``older_than`` seconds)."""
+    removed = []
+    now = time.time()
+    for entry in Path(directory).glob(".*.tmp-*"):
+        try:
+            if now - entry.lstat().st_mtime < older_than:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError:
+            continue  # another run swept it first, or it is not ours to remove
+    return removed
+
+
+def check_output(path: str | Path, *, flag: str = "-o") -> Path:
+    """Refuse, before any work, an output path whose directory cannot be written."""
+    path = Path(path)
+    parent = path.absolute().parent
+    existing = parent
+    while not existing.exists():  # the nearest ancestor that exists is where directories get created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a directory; choose another output path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable; choose another output path")
+    return path
+
+
+def respect_umask(path: str | Path) -> None:
+    """Give a written file the mode an ordinary ``open`` would (mkstemp and safetensors make 0600):
+    a model must be readable by whoever may read its directory."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 @contextlib.contextmanager
@@ -60,6 +106,7 @@ def atomic_file(final: Path, mode: str = "wb") -> Iterator:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
     try:
+        respect_umask(tmp)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

@@ -28,7 +28,7 @@ import torch
 from torch.fx import GraphModule
 
 from irc import __version__
-from irc.cache import atomic_dir
+from irc.cache import atomic_dir, respect_umask
 from irc.capture import capture
 from irc.errors import UserError
 from irc.inspect.summary import op_counts as op_counts_of
@@ -184,6 +184,7 @@ class RoutedModel:
         state = {k: v.detach().contiguous().cpu() for k, v in self.routing_state().items()}
         with atomic_dir(out.parent / f".{out.name}.new") as tmp:
             save_file(state, tmp / "routing.safetensors", metadata={"format": FORMAT})
+            respect_umask(tmp / "routing.safetensors")
             (tmp / "irc.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_into_place(out.parent / f".{out.name}.new", out)
         return out
@@ -227,20 +228,10 @@ def load(directory: str | Path, *, dtype: str | torch.dtype | None = None, base:
     ``base`` overrides where the base model is looked for (its weights must still
     hash to what the directory records).
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
-    manifest_path = directory / "irc.json"
-    if not manifest_path.is_file():
-        raise UserError(f"{directory} is not a routed model directory (no irc.json)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{manifest_path}: unsupported format {manifest.get('format')!r} version "
-                        f"{manifest.get('format_version')!r}; this irc reads {FORMAT} {FORMAT_VERSION}")
+    manifest, state = _read_routed_dir(directory)  # every file checked before the base loads
     info = manifest["base"]
-    source = base or info["source"]
-    if base is None and not _exists_as_source(source) and Path(info["path"]).exists():
-        source = info["path"]
+    source = base or _recorded_source(directory, info)
     loaded = load_model(source, dtype=dtype or info.get("dtype", "bf16"))
     if loaded.weights_sha256 != info["weights_sha256"]:
         raise UserError(
@@ -250,12 +241,52 @@ def load(directory: str | Path, *, dtype: str | torch.dtype | None = None, base:
     plan = RoutingPlan.from_dict(manifest["plan"])
     routed = route(loaded, plan)
     # load_state_dict copies into the existing tensors, casting to their dtype
-    routed.load_routing_state(load_file(directory / "routing.safetensors"))
+    routed.load_routing_state(state)
     routed.records = {k: v for k, v in manifest.items() if k in ("training", "evaluation", "calibration", "fold")}
     return routed
 
 
-def _exists_as_source(source: str) -> bool:
+def _read_routed_dir(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``irc.json`` and ``routing.safetensors``, each failure a ``UserError`` naming the file."""
+    from safetensors.torch import load_file
+
+    manifest_path = directory / "irc.json"
+    if not manifest_path.is_file():
+        raise UserError(f"{directory} is not a routed model directory (no irc.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{manifest_path} is not readable JSON ({e}); convert the model again") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{manifest_path} is not a routed model manifest (a JSON object); convert the model again")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{manifest_path}: unsupported format {manifest.get('format')!r} version "
+                        f"{manifest.get('format_version')!r}; this irc reads {FORMAT} {FORMAT_VERSION}")
+    info = manifest.get("base")
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), str)
+                                             for k in ("source", "path", "weights_sha256")):
+        raise UserError(f"{manifest_path} does not record its base model (base.source, base.path, "
+                        "base.weights_sha256); convert the model again")
+    if not isinstance(manifest.get("plan"), dict):
+        raise UserError(f"{manifest_path} does not record its routing plan; convert the model again")
+    weights = directory / "routing.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{weights} is missing; convert the model again")
+    try:
+        state = load_file(weights)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad file
+        raise UserError(f"{weights} is {'empty' if weights.stat().st_size == 0 else 'truncated or corrupt'} "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                        "convert the model again") from None
+    return manifest, state
+
+
+def _recorded_source(directory: Path, info: dict) -> str:
+    """The base model a routed directory records: an alias, or its path; a relative path is taken
+    relative to the routed directory, never to the working directory."""
     from irc.models.sources import ALIASES
 
-    return source in ALIASES or Path(source).exists()
+    if info["source"] in ALIASES:
+        return info["source"]
+    path = Path(info["path"]).expanduser()
+    return str(path if path.is_absolute() else directory / path)

@@ -8,7 +8,9 @@ exits with status 2; any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
 
 from irc import __version__
@@ -48,11 +50,31 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    previous = _sigterm_as_interrupt()
     try:
         return int(args.run(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        # on a line of its own: a progress bar may have been drawing on the current one
+        print("\ninterrupted" + _RESUME_HINT.get(args.command, ""), file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+_RESUME_HINT = {"convert": " (the stage checkpoints are kept: run the same command with --resume to continue)"}
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, a scheduler's stop) unwinds like Ctrl-C: temporary files are removed,
+    checkpoints kept. Only the main thread may set a handler."""
+    with contextlib.suppress(ValueError):
+        return signal.signal(signal.SIGTERM, _interrupt)
+    return None

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     import time
 
+    from irc.cache import check_output
     from irc.cli.common import emit_json, info
     from irc.train.convert import ConvertConfig, convert
 
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens, evaluate_dense=not args.no_dense_eval, lora_steps=args.lora_steps,
         **overrides,
     )
+    check_output(args.out)  # before any work
     start = time.perf_counter()
     log = (lambda line: print(line, file=sys.stderr)) if args.json else info
     summary = convert(args.model, args.out, config, resume=args.resume, overwrite=args.overwrite,

@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-tokens must be 0 (all) or positive, got {args.max_tokens}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    for flag, value in (("--sparsity", args.sparsity), ("--flops-saved", args.flops_saved)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise UserError(f"{flag} must be in [0, 1), got {value}")
     from irc.routing import is_routed_dir
 
     if is_routed_dir(args.model):
@@ -64,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--sparsity and --flops-saved apply to routed model directories (made by irc convert)")
     start = time.perf_counter()
     loaded = load_model(args.model, dtype=args.dtype)
+    if loaded.arch.max_positions and args.seq_len > loaded.arch.max_positions:
+        raise UserError(f"--seq-len {args.seq_len} is longer than the model's {loaded.arch.max_positions} positions")
     corpus = load_corpus(args.data, default_split="heldout")
     stream = token_stream(corpus, loaded.tokenizer, args.bos)
     bos = bos_id(loaded.tokenizer) if args.bos == "window" else None

@@ -29,6 +29,7 @@ def add_parser(subparsers) -> None:
     o.add_argument("--opset", type=int, default=18)
     o.add_argument("--max-seq", type=int, help="largest sequence length the file declares (default: the model's; "
                    "trt: at most 3840, TensorRT's TopK limit)")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing file (and its .data, .json)")
     o.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
     o.set_defaults(run=run_onnx)
     from irc.cli.export_trt import add_trt_parser
@@ -40,8 +41,10 @@ def add_parser(subparsers) -> None:
 def run_onnx(args: argparse.Namespace) -> int:
     import sys
     import time
+    from pathlib import Path
 
     import irc
+    from irc.cache import check_output
     from irc.cli.common import emit_json, info
     from irc.errors import UserError
     from irc.exporters.onnx import OnnxExportConfig, export_onnx
@@ -49,6 +52,9 @@ def run_onnx(args: argparse.Namespace) -> int:
 
     if not args.out.endswith(".onnx"):
         raise UserError(f"-o must name a .onnx file, got {args.out}")
+    if Path(args.out).exists() and not args.overwrite:
+        raise UserError(f"{args.out} already exists; choose another file or pass --overwrite")
+    check_output(args.out)  # before minutes of lowering
     start = time.perf_counter()
     config = OnnxExportConfig(routing=args.routing, capacity=args.capacity, profile=args.profile, opset=args.opset,
                               max_seq=args.max_seq)

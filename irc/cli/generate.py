@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed)
+    if not args.prompt:
+        raise UserError("the prompt is empty")
     start = time.perf_counter()
     routed_dir = is_routed_dir(args.model)
     dtype = args.dtype or ("fp32" if args.backend == "ort" else "bf16")
@@ -55,14 +57,21 @@ def run(args: argparse.Namespace) -> int:
     routed.set_routing(routing, record=True)
     tokenizer = routed.tokenizer
     ids = _prompt_ids(tokenizer, args.prompt, args.chat)
+    config = _fit_positions(config, ids.shape[1], routed.arch.max_positions, quiet=args.json)
     model = routed
     if args.backend == "ort":
         from irc.exporters.onnx_decode import OnnxDecodeConfig, load_or_export_decode
 
         model = load_or_export_decode(routed, args.onnx_dir, OnnxDecodeConfig(routing=routing),
                                       log=lambda line: print(line, file=sys.stderr))
-    stream = _Streamer(tokenizer) if args.stream and not args.json else None
-    result = generate(model, ids, config=config, on_token=stream)
+    stream = _Streamer(tokenizer, echo=args.stream and not args.json)
+    try:
+        result = generate(model, ids, config=config, on_token=stream)
+    except KeyboardInterrupt:
+        stream.keep(quiet=args.json)  # what was generated before Ctrl-C is not lost
+        raise
+    if not stream.echo:
+        stream = None
     text = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
     seconds = time.perf_counter() - start
     context = ids.shape[1] + (result.new_tokens - 1) / 2
@@ -115,6 +124,27 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool):
     return ids
 
 
+def _fit_positions(config, prompt_tokens: int, max_positions: int | None, *, quiet: bool):
+    """Clamp ``max_new_tokens`` to the positions the model has left after the prompt."""
+    import dataclasses
+
+    from irc.errors import UserError
+    from irc.generation.capture import MIN_CONTEXT
+
+    if not max_positions:
+        return config
+    left = max_positions - max(prompt_tokens, MIN_CONTEXT)
+    if left < 1:
+        raise UserError(f"the prompt has {prompt_tokens} tokens and the model {max_positions} positions: "
+                        "no room to generate; shorten the prompt")
+    if config.max_new_tokens <= left:
+        return config
+    if not quiet:
+        print(f"irc: --max-new-tokens {config.max_new_tokens} clamped to {left}, the positions the model "
+              f"has left after the prompt ({max_positions} in all)", file=sys.stderr)
+    return dataclasses.replace(config, max_new_tokens=left)
+
+
 def _by_kind(fractions: dict) -> dict[str, float]:
     out = {}
     for kind in ("attn", "mlp"):
@@ -125,10 +155,12 @@ def _by_kind(fractions: dict) -> dict[str, float]:
 
 
 class _Streamer:
-    """Prints the text of row 0 as it grows (decoding the whole row keeps multi-byte characters whole)."""
+    """Prints the text of row 0 as it grows (decoding the whole row keeps multi-byte characters whole);
+    with ``echo=False`` it only keeps the tokens, for ``keep`` on an interruption."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, echo: bool = True):
         self.tokenizer = tokenizer
+        self.echo = echo
         self.tokens: list[int] = []
         self.printed = ""
 
@@ -137,6 +169,8 @@ class _Streamer:
         if token < 0:
             return
         self.tokens.append(token)
+        if not self.echo:
+            return
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.startswith(self.printed) and not text.endswith("\ufffd"):
             sys.stdout.write(text[len(self.printed):])
@@ -146,3 +180,12 @@ class _Streamer:
     def finish(self) -> None:
         sys.stdout.write("\n")
         sys.stdout.flush()
+
+    def keep(self, *, quiet: bool) -> None:
+        """On an interruption: print what was generated so far (unless it was already streamed)."""
+        if not self.echo and not quiet:
+            sys.stdout.write(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+        if not quiet:
+            self.finish()
+        print(f"irc: interrupted after {len(self.tokens)} new tokens; the text above is what was generated",
+              file=sys.stderr)

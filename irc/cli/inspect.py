@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.dot and not args.dot.endswith((".svg", ".dot")):
         raise UserError(f"--dot writes .svg or .dot files, got {args.dot}")
+    if args.dot:
+        from irc.cache import check_output
+
+        check_output(args.dot, flag="--dot")
     if args.heatmap or args.prompt:
         _check_heatmap_args(args)
     start = time.perf_counter()

@@ -38,6 +38,7 @@ import torch
 from torch.export import Dim
 
 from irc import __version__
+from irc.cache import check_output
 from irc.errors import UserError
 
 ROUTINGS = ("capacity", "threshold", "dense")
@@ -118,7 +119,7 @@ def sample_inputs(vocab: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.T
 
 def export_onnx(routed, out: str | Path, config: OnnxExportConfig = OnnxExportConfig(), *, log=print) -> dict:
     """Write ``out`` (+ ``out.data`` and ``out.json``) and return the manifest."""
-    out = Path(out)
+    out = check_output(out)
     if routed.plan.variant == "mod" and config.routing != "dense":
         raise UserError("ONNX export of Mixture-of-Depths layers is not implemented (a baseline whose top-k "
                         "over the whole row is not causal); export informed, skip or static models")

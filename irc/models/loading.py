@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from irc.cache import atomic_dir, cache_dir, cached_sha256
+from irc.cache import atomic_dir, cache_dir, cached_sha256, sweep_stale
 from irc.dtypes import dtype_name, parse_dtype
 from irc.errors import UserError
 from irc.models.arch import Architecture
@@ -78,10 +78,15 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "bf16") -> LoadedM
     resolved = resolve_source(source)
     directory = hf_directory(resolved)
     arch = _check_architecture(directory)
+    check_weight_files(directory)
     _quiet_transformers()
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
+    try:
+        # irc never runs code shipped with a model (auto_map); the config check above refused such a model
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the weights in {directory}: {_first_line(e)}") from None
     model.eval()
     tokenizer = load_tokenizer_from_dir(directory)
     return LoadedModel(
@@ -92,7 +97,8 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "bf16") -> LoadedM
         directory=directory,
         dtype=torch_dtype,
         load_seconds=time.perf_counter() - start,
-        _weights_sha256=_cached_marker_sha(directory),
+        # only irc's own cache entries carry a marker irc wrote; anywhere else the weights are hashed
+        _weights_sha256=_cached_marker_sha(directory) if resolved.kind == "gguf" else None,
     )
 
 
@@ -106,9 +112,9 @@ def load_tokenizer_from_dir(directory: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {directory}: {e}") from None
+        raise UserError(f"cannot load a tokenizer from {directory}: {_first_line(e)}") from None
 
 
 def hf_directory(source: ModelSource) -> Path:
@@ -134,19 +140,56 @@ def weight_files(directory: Path) -> list[Path]:
     return files
 
 
+def check_weight_files(directory: Path) -> list[Path]:
+    """The weight files of ``directory``, each checked to be a whole safetensors file (a missing,
+    empty or truncated one is a ``UserError`` naming it)."""
+    from safetensors import safe_open
+
+    files = weight_files(directory)
+    for path in files:
+        if path.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+            size = path.stat().st_size
+            raise UserError(f"{path} is {'empty' if size == 0 else 'truncated or not a safetensors file'} "
+                            f"({size:,} bytes: {_first_line(e)}); copy the model again") from None
+    return files
+
+
 def _check_architecture(directory: Path) -> Architecture:
     _quiet_transformers()
     from transformers import AutoConfig
 
+    config_path = Path(directory) / "config.json"
     try:
-        config = AutoConfig.from_pretrained(directory)
+        raw = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{directory} has no config.json; expected a Hugging Face model directory") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_path} is not readable JSON ({_first_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_path} is not a model config (a JSON object)")
+    if "auto_map" in raw:
+        raise UserError(f"{config_path} asks to run code shipped with the model (auto_map); irc does not run "
+                        "code shipped with a model: use a model whose architecture transformers provides")
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot read the model config in {directory}: {e}") from None
+        raise UserError(f"cannot read the model config in {directory}: {_first_line(e)}") from None
     return Architecture.from_config(config)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _dequantised_gguf(source: ModelSource) -> Path:
     sha = cached_sha256([source.path])
+    sweep_stale(cache_dir("models"))  # what killed runs left behind
     final = cache_dir("models") / f"{source.path.stem}-{sha[:16]}-v{GGUF_CACHE_VERSION}"
     if (final / _MARKER).is_file():
         return final
@@ -181,7 +224,10 @@ def _dequantised_gguf(source: ModelSource) -> Path:
 def _cached_marker_sha(directory: Path) -> str | None:
     marker = directory / _MARKER
     if marker.is_file():
-        return json.loads(marker.read_text()).get("weights_sha256")
+        try:
+            return json.loads(marker.read_text()).get("weights_sha256")
+        except (OSError, ValueError, AttributeError):
+            return None  # hashed from the weights instead
     return None
 
 
