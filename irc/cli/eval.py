@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--sparsity and --flops-saved apply to routed model directories (made by irc convert)")
     start = time.perf_counter()
     loaded = load_model(args.model, dtype=args.dtype)
+    corpus = load_corpus(args.data, default_split="heldout")
     if loaded.arch.max_positions and args.seq_len > loaded.arch.max_positions:
         raise UserError(f"--seq-len {args.seq_len} is longer than the model's {loaded.arch.max_positions} positions")
-    corpus = load_corpus(args.data, default_split="heldout")
     stream = token_stream(corpus, loaded.tokenizer, args.bos)
     bos = bos_id(loaded.tokenizer) if args.bos == "window" else None
     max_tokens = args.max_tokens or None
