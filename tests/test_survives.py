@@ -365,3 +365,18 @@ def test_a_user_error_is_raised_not_a_bug(model_copy):
     (model_copy / "model.safetensors").write_bytes(b"\x00" * 7)
     with pytest.raises(UserError, match="model.safetensors"):
         irc.load_model(str(model_copy))
+
+
+def test_an_untrustworthy_eval_warns(tiny_dirs, routed_copy, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat " * 20)
+    assert main(["eval", str(tiny_dirs["llama"]), "--data", str(text), "--seq-len", "16", "--dtype", "fp32"]) == 0
+    assert "warning: only" in capsys.readouterr().err
+    args = ["eval", str(routed_copy), "--data", str(text), "--seq-len", "16", "--dtype", "fp32", "--json"]
+    assert main(args) == 0
+    achieved = json.loads(capsys.readouterr().out)["sparsity"]["overall"]
+    manifest = json.loads((routed_copy / "irc.json").read_text())
+    manifest["training"] = {"sparsity": achieved + 0.3 if achieved < 0.5 else achieved - 0.3}
+    (routed_copy / "irc.json").write_text(json.dumps(manifest))
+    assert main(args) == 0
+    assert "far from the" in capsys.readouterr().err

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+
+# below this many scored tokens a perplexity moves by several percent from one corpus sample to the next
+FEW_TOKENS = 1000
+# a dial this far from the training budget is outside what the routers were trained for
+FAR_FROM_TRAINED = 0.2
 
 
 def add_parser(subparsers) -> None:
@@ -91,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.json,
     )
     total = time.perf_counter() - start
+    _warn(result.tokens)
     if args.json:
         emit_json({
             "model": args.model,
@@ -155,6 +162,8 @@ def _run_routed(args: argparse.Namespace) -> int:
                              sparsity=args.sparsity,
                              show_progress=not args.json)
     sp, flops = result["sparsity"], result["flops_per_token"]
+    _warn(result["tokens"], *((sp["overall"], trained, "sparsity") if trained is not None else
+                              (flops["saved"], trained_flops, "FLOPs saved")))
     if args.json:
         emit_json({"model": args.model, "routed": True, "variant": routed.plan.variant, "data": corpus.spec,
                    "trained_sparsity": trained, "trained_flops_saved": trained_flops,
@@ -184,6 +193,16 @@ def _run_routed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn(tokens: int, achieved: float | None = None, trained: float | None = None, what: str = "") -> None:
+    """Warnings on stderr (``--json`` keeps stdout clean): a verdict that cannot be trusted is not silent."""
+    if tokens < FEW_TOKENS:
+        print(f"warning: only {tokens:,} tokens scored; a perplexity over fewer than {FEW_TOKENS:,} is noise "
+              "(use a larger corpus or --max-tokens)", file=sys.stderr)
+    if achieved is not None and trained is not None and abs(achieved - trained) > FAR_FROM_TRAINED:
+        print(f"warning: {what} {achieved:.3f} achieved, far from the {trained:.2f} the model was trained for; "
+              "its routers and forecasters were not trained for this budget", file=sys.stderr)
+
+
 def _run_engine(args: argparse.Namespace) -> int:
     """A TensorRT engine (``irc export trt``): the same evaluation as an ONNX file."""
     from irc.exporters.tensorrt import Engine
@@ -208,6 +227,7 @@ def _run_onnx(args: argparse.Namespace, model_class=None, backend: str = "onnxru
     result = evaluate_perplexity(model, stream, seq_len=args.seq_len, stride=args.stride,
                                  max_tokens=args.max_tokens or None, batch_size=args.batch_size,
                                  show_progress=not args.json)
+    _warn(result.tokens)
     m = model.manifest
     if args.json:
         emit_json({"model": args.model, "backend": backend, "data": corpus.spec,
