@@ -202,7 +202,7 @@ def _dequantised_gguf(source: ModelSource) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with atomic_dir(final) as tmp:
-        kwargs = {"gguf_file": source.path.name}
+        kwargs = {"gguf_file": source.path.name, "trust_remote_code": False}
         model = AutoModelForCausalLM.from_pretrained(source.path.parent, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.path.parent, **kwargs)
         # save_pretrained refuses a model that still carries its GGUF quantizer.
