@@ -226,6 +226,15 @@ def test_06_an_output_under_a_file_is_refused_before_any_work(tiny_dirs, tmp_pat
     one_line_error(capsys, "--dot", "is a file, not a directory")
 
 
+def test_06_fold_and_bench_outputs_are_checked_before_any_work(routed_dir, tmp_path, capsys, must_not_load):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert main(["fold", str(routed_dir), "-o", str(a_file / "folded")]) == 2
+    one_line_error(capsys, "is a file, not a directory")
+    assert main(["bench", str(routed_dir), "--seq-lens", "8", "--out", str(a_file / "b")]) == 2
+    one_line_error(capsys, "--out", "is a file, not a directory")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_06_a_read_only_output_directory_is_refused_before_any_work(tiny_dirs, tmp_path, capsys, must_not_load):
     locked = tmp_path / "locked"

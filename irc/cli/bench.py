@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     config = SpeedConfig(seq_lens=seq_lens, batch=args.batch, routing=args.routing, capacity=args.capacity,
                          dtype=args.dtype, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
                          data=args.data, memory=not args.no_memory)
+    if args.out:
+        from irc.cache import check_output
+
+        check_output(args.out, flag="--out")
     start = time.perf_counter()
     log = (lambda line: print(line, file=sys.stderr)) if args.json else info
     result = bench_speed(args.model, args.backend, config, onnx_dir=args.onnx_dir, log=log)

@@ -52,6 +52,9 @@ def run_trt(args: argparse.Namespace) -> int:
 
     if not args.out.endswith(".engine"):
         raise UserError(f"-o must name a .engine file, got {args.out}")
+    from irc.cache import check_output
+
+    check_output(args.out)
     start = time.perf_counter()
     max_seq = args.max_seq or _default_max_seq(args.onnx)
     config = EngineBuildConfig(min_seq=args.min_seq, opt_seq=args.opt_seq or min(512, max_seq), max_seq=max_seq,

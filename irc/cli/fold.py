@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists; choose another directory or pass --overwrite")
+    from irc.cache import check_output
+
+    check_output(out)
     import irc
     from irc.data import load_corpus, token_stream
     from irc.eval.routed import routed_budget
