@@ -389,3 +389,14 @@ def test_an_untrustworthy_eval_warns(tiny_dirs, routed_copy, tmp_path, capsys):
     (routed_copy / "irc.json").write_text(json.dumps(manifest))
     assert main(args) == 0
     assert "far from the" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_records_and_times_of_the_stages_before(interrupted_convert, capsys):
+    work, out, resume = interrupted_convert
+    lff = json.loads((work / "stage-lff.json").read_text())
+    assert main(resume) == 0
+    training = json.loads((out / "irc.json").read_text())["training"]
+    assert training["lff"] == lff["record"]
+    assert training["seconds"]["lff"] == lff["seconds"]
+    assert "router_init" in training and {"plan", "lff", "init", "routers"} <= set(training["seconds"])
+    assert not work.exists()
