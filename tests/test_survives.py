@@ -307,10 +307,14 @@ def test_09_generate_keeps_the_text_so_far_on_ctrl_c(short_model, capsys, monkey
 
 
 # 10 -----------------------------------------------------------------------------------------------
-def test_10_sigterm_unwinds_like_ctrl_c(monkeypatch, capsys):
-    def killed(args):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
+def test_10_sigterm_unwinds_like_ctrl_c(monkeypatch, capsys, tmp_path):
+    from irc.cache import atomic_dir
+
+    def killed(args):  # killed while writing a cache entry, as during a GGUF's dequantisation
+        with atomic_dir(tmp_path / "entry") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x" * 1000)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
         raise AssertionError("SIGTERM did not interrupt")
 
     before = signal.getsignal(signal.SIGTERM)
@@ -319,6 +323,7 @@ def test_10_sigterm_unwinds_like_ctrl_c(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err  # says that the checkpoints are kept
     assert signal.getsignal(signal.SIGTERM) is before
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
 def test_10_stale_temporary_entries_are_swept(tmp_path):
