@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=args.dtype)
     corpus = load_corpus(args.data, default_split="heldout")
     if loaded.arch.max_positions and args.seq_len > loaded.arch.max_positions:
-        raise UserError(f"--seq-len {args.seq_len} is longer than the model's {loaded.arch.max_positions} positions")
+        raise UserError(f"--seq-len {args.seq_len} is longer than the model's {loaded.arch.max_positions} positions; "
+                        f"use --seq-len {loaded.arch.max_positions} or less")
     stream = token_stream(corpus, loaded.tokenizer, args.bos)
     bos = bos_id(loaded.tokenizer) if args.bos == "window" else None
     max_tokens = args.max_tokens or None
@@ -136,7 +137,8 @@ def _run_routed(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} must be in [0, 1), got {value}")
     routed = irc.load(args.model, dtype=args.dtype)
     if routed.arch.max_positions and args.seq_len > routed.arch.max_positions:
-        raise UserError(f"--seq-len {args.seq_len} is longer than the model's {routed.arch.max_positions} positions")
+        raise UserError(f"--seq-len {args.seq_len} is longer than the model's {routed.arch.max_positions} positions; "
+                        f"use --seq-len {routed.arch.max_positions} or less")
     calibration = None
     if args.sparsity is not None or args.flops_saved is not None:
         held_in = token_stream(load_corpus(args.calib_data, default_split="train"), routed.tokenizer)

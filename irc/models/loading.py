@@ -134,8 +134,8 @@ def weight_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
     if not files:
         raise UserError(
-            f"{directory} holds no weights (*.safetensors or pytorch_model*.bin); "
-            "expected a Hugging Face model directory"
+            f"{directory} holds no weights: model.safetensors (or any *.safetensors, pytorch_model*.bin) is "
+            "missing; expected a Hugging Face model directory"
         )
     return files
 
