@@ -68,9 +68,20 @@ def check_output(path: str | Path, *, flag: str = "-o") -> Path:
 def respect_umask(path: str | Path) -> None:
     """Give a written file the mode an ordinary ``open`` would (mkstemp and safetensors make 0600):
     a model must be readable by whoever may read its directory."""
-    mask = os.umask(0)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux: read without setting it (os.umask sets it for every thread for a moment)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    return mask
 
 
 @contextlib.contextmanager
