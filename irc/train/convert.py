@@ -495,6 +495,9 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
         checkpoint = f"stage-{stage.name}"
         if work.has(checkpoint + ".json"):
             saved = work.read_json(checkpoint + ".json")
+            if not isinstance(saved, dict) or not {"record", "seconds"} <= saved.keys():
+                raise UserError(f"checkpoint {work.path(checkpoint + '.json')} is corrupt (not a stage record); "
+                                "run without --resume")
             if stage.restore is not None:
                 stage.restore(job, saved["record"])
             if work.has(checkpoint + ".safetensors"):
