@@ -156,7 +156,8 @@ def run_convert(method: str, budget: float, preset: str, out_dir: Path) -> dict:
             overrides["lora_steps"] = PRESETS[preset]["router_steps"] // 2
         variant = "informed" if method.startswith("informed") else method
         config = ConvertConfig.from_preset(None, preset, flops_saved=budget, variant=variant, **overrides)
-    summary = convert("smollm2-135m", out_dir, config, overwrite=True, log=print)
+    # resume=True: a row interrupted (session end, kill) continues from its checkpoints next time
+    summary = convert("smollm2-135m", out_dir, config, overwrite=True, resume=True, log=print)
     entry = _entry(method, budget, preset, summary)
     if method.startswith("informed"):
         import irc
