@@ -215,7 +215,9 @@ def main() -> int:
     p.add_argument("--informed-preset", default="standard", choices=["quick", "standard"],
                    help="preset of the informed rows (default standard)")
     p.add_argument("--baseline-preset", default="quick", choices=["quick", "standard"],
-                   help="preset of the skip / mod rows (default quick; static and static-lff train no routers)")
+                   help="preset of the skip / mod rows (default quick); static and static-lff train no routers "
+                   "and take the informed preset")
+    p.add_argument("--redo", help="comma-separated row keys to measure again (their old rows are replaced)")
     p.add_argument("--only", help="comma-separated row keys, e.g. informed-flops@0.20,static-lff@0.20")
     p.add_argument("--resume", action="store_true", help="keep rows already in the JSON")
     p.add_argument("--speed", action="store_true",
@@ -243,7 +245,8 @@ def main() -> int:
     if args.only:
         keep = set(args.only.split(","))
         wanted = [(m, b) for m, b in wanted if key(m, b) in keep]
-    done = {key(r["method"], r["budget"]): r for r in result["rows"]}
+    redo = set(args.redo.split(",")) if args.redo else set()
+    done = {key(r["method"], r["budget"]): r for r in result["rows"] if key(r["method"], r["budget"]) not in redo}
     for method, budget in wanted:
         k = key(method, budget)
         row = done.get(k)
@@ -267,7 +270,10 @@ def main() -> int:
                     continue
                 row = run_folded(budget, source, work / k)
             else:
-                preset = args.informed_preset if method.startswith("informed") else args.baseline_preset
+                # static-lff fits forecasters and trains nothing else: it gets the informed rows' data
+                # (forecaster windows, held-in windows), so the two differ only in routing
+                trains_routers = method in ("skip", "mod")
+                preset = args.baseline_preset if trains_routers else args.informed_preset
                 row = run_convert(method, budget, preset, work / k)
             row["row_seconds"] = round(time.perf_counter() - t, 1)
             result["rows"] = [r for r in result["rows"] if key(r["method"], r["budget"]) != k] + [row]
