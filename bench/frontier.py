@@ -115,6 +115,8 @@ def plot(path: Path, rows: list[dict], dense: float | None) -> None:
         presets = sorted({p for _, _, p in pts if p})
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{label} [{'/'.join(presets)}]", ms=6)
     ax.set_yscale("log")
+    xs = [100 * r["flops_saved"] for r in rows]
+    ax.set_xlim(-1, max([45.0, *xs]) + 2)  # the whole budget range, so points read against each other
     ax.set_xlabel("FLOPs per token saved (%)")
     ax.set_ylabel("perplexity, wiki held-out (log)")
     ax.set_title("SmolLM2-135M: quality vs compute")
