@@ -81,3 +81,38 @@ def test_static_drops_the_least_influential_layers():
     assert len(influence) == 2 and all(0 <= x <= 2 for x in influence)
     assert layers_to_drop(influence, 0.5) == (min(range(2), key=influence.__getitem__),)
     assert layers_to_drop([0.3, 0.1, 0.2, 0.4], 0.5) == (1, 2)
+
+
+def test_flop_weighted_loss_sends_router_gradient_in_proportion_to_unit_cost():
+    from irc.eval.routed import routed_budget
+    from irc.train.losses import routing_terms
+
+    torch.manual_seed(0)
+    _, routed = tiny_routed("llama", RoutingPlan(lff_rank=16, n_sink=2))
+    budget = routed_budget(routed, flops_saved=0.1, seq_len=64)
+    routed.set_routing("train", tau=1.0)
+    routed(_windows(2))
+    units = list(routed.units.values())
+    real = [u.last_gate[1] for u in units]
+    # the budget term's own gradient at each gate (later units' gates also depend on earlier
+    # gates through the forward pass; that path is the model's, not the loss's weighting)
+    gates = [u.last_gate[0].detach().requires_grad_() for u in units]
+    for u, g, r in zip(units, gates, real, strict=True):
+        u.last_gate = (g, r)
+        u.last_cosreg = torch.zeros(())
+    e_bar, _ = routing_terms(units, [budget.weights[n] for n in routed.units])
+    (budget.target - e_bar).abs().backward()
+    per_token = {n: g.grad[:, 2:].abs() for n, g in zip(routed.units, gates, strict=True)}
+    # every non-sink gate of a unit receives w_u / (real tokens): the unit's cost share
+    for name in routed.units:
+        assert torch.allclose(per_token[name], torch.full_like(per_token[name], budget.weights[name] / (2 * 64)))
+    per_token = {n: float(v.mean()) for n, v in per_token.items()}
+    mlp, attn = per_token["layer0_mlp"], per_token["layer0_attn"]
+    assert mlp / attn == pytest.approx(budget.weights["layer0_mlp"] / budget.weights["layer0_attn"], rel=1e-5)
+    assert mlp > attn  # an MLP costs more than an attention query path at T=64 in this tiny model
+    # and through the straight-through gates the term reaches every router's parameters
+    routed.set_routing("train", tau=1.0)
+    routed(_windows(2))
+    e_bar, _ = routing_terms(units, [budget.weights[n] for n in routed.units])
+    (budget.target - e_bar).abs().backward()
+    assert all(u.router.fc2.weight.grad is not None and u.router.fc2.weight.grad.abs().sum() > 0 for u in units)
