@@ -72,7 +72,8 @@ def write(out: Path, result: dict) -> None:
         "Near-static: units executing ≤ 5% or ≥ 95% of held-in non-sink tokens (of 60). ORT speedup: "
         "`irc bench --backend ort` at T = 1024 (measured alone on the machine).",
         "",
-        f"Command: `{result['command']}`; {result['machine']}. "
+        "Commands, in the order they ran (each adds or replaces the rows it names): "
+        + "; ".join(f"`{c}`" for c in result.get("commands", [result["command"]])) + f". {result['machine']}. "
         f"{'Complete.' if result['complete'] else 'Partial: rows not yet run are missing (the grid runs across sessions with --resume).'}",
         "",
         "| method | budget | preset | perplexity | × dense | FLOPs saved | unit sparsity | attn s | MLP s "
@@ -238,7 +239,8 @@ def main() -> int:
     if args.resume and out.with_suffix(".json").is_file():
         previous = json.loads(out.with_suffix(".json").read_text())
         result["rows"], result["notes"] = previous["rows"], previous.get("notes", [])
-        result["commands"] = sorted(set(previous.get("commands", [previous.get("command")])) | {command})
+        earlier = previous.get("commands", [previous.get("command")])
+        result["commands"] = earlier + ([command] if command not in earlier else [])
     else:
         result["commands"] = [command]
     budgets = [float(b) for b in args.budgets.split(",")]
