@@ -77,7 +77,6 @@ def main() -> int:
     args = p.parse_args()
 
     from irc.benchmark.speed import text_inputs
-
     from irc.generation.capture import capture_decode
 
     routed = irc.load(args.model)

@@ -10,8 +10,8 @@ call that ``evaluate_perplexity`` uses.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

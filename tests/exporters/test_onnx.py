@@ -110,6 +110,7 @@ def test_a_broken_lowering_fails_and_leaves_no_file(tmp_path, monkeypatch):
 
 def test_unsupported_is_said_plainly(tmp_path):
     from irc.cli import main
+
     from tiny import save_tiny
 
     model = save_tiny("llama", tmp_path / "tiny")
