@@ -63,7 +63,7 @@ def write(out: Path, result: dict) -> None:
     lines = [
         "# The quality–compute frontier (SmolLM2-135M)",
         "",
-        "![perplexity against FLOPs saved](frontier.png)",
+        f"![perplexity against FLOPs saved]({out.with_suffix('.png').name})",
         "",
         f"Perplexity on the wiki held-out split (first {result['eval_tokens']:,} tokens, windows of 1024, bf16) "
         "against the FLOPs per token saved (routers and forecasters counted, at the execute fractions reached on "
