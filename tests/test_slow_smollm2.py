@@ -74,5 +74,7 @@ def test_routed_smollm2_sparse_equals_blend():
         sparse = routed(ids)
         routed.set_routing("mask", masks=masks, sparse=False)
         blend = routed(ids)
-    # fp32, 30 layers of row-subset matmuls: accumulation order differs per unit
-    assert (sparse - blend).abs().max() < 1e-3
+    from tolerances import SMOLLM2_SPARSE_REL
+
+    # fp32, 30 layers of row-subset matmuls: accumulation order differs per unit (and per machine)
+    assert (sparse - blend).abs().max() <= SMOLLM2_SPARSE_REL * blend.abs().max()
