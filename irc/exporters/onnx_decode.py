@@ -7,7 +7,10 @@ One graph serves the prompt and every decode step, as in PyTorch
         -> logits [B, T, V], present.{l}.key / present.{l}.value [B, Hkv, P+T, hd]
 
 with P = 0 for the prompt (prompts shorter than 4 tokens left-padded, as
-``generate`` does). Routing in the file:
+``generate`` does). A forecast-folded attention layer keeps its sinks only
+(``irc.passes.compact_sink_caches``): its past / present have min(n_sink, P) /
+min(n_sink, P+T) positions, a dynamic axis of its own (at most n_sink), and the
+manifest's ``cache.sink_slots`` names those tensors. Routing in the file:
 
 - ``threshold``: every unit decides per token exactly as in PyTorch, computed
   branch-free (the unit and the forecaster run on every new token, the decision
@@ -100,17 +103,20 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
     decoder = decoder_for(routed)
     _routing(decoder, config.routing)
     n_cache = len(decoder.empty_cache(1))
+    slots = decoder.cache_slots()  # per cache tensor: n_sink where it keeps the sinks only, else None
     past_names, present_names = _names(n_cache)
     start = time.perf_counter()
     B, P, T = 2, 5, 3
     ids = torch.randint(0, routed.arch.vocab, (B, T))
     mask = torch.ones(B, P + T, dtype=torch.long)
-    past = [torch.randn(B, c.shape[1], P, c.shape[3]) for c in decoder.empty_cache(B)]
+    past = [torch.randn(B, c.shape[1], P if n is None else min(n, P), c.shape[3])
+            for c, n in zip(decoder.empty_cache(B), slots, strict=True)]
     max_seq = routed.arch.max_positions or 8192
     batch, seq, past_len = Dim("batch", min=1, max=config.max_batch), Dim("seq", min=1, max=max_seq), \
         Dim("past", min=0, max=max_seq)
+    sinks = {n: Dim(f"sinks{n}", min=0, max=n) for n in set(slots) - {None}}  # n >= 2: not specialised
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.AUTO},
-               "past": tuple({0: batch, 2: past_len} for _ in past)}
+               "past": tuple({0: batch, 2: past_len if n is None else sinks[n]} for n in slots)}
     try:
         with torch.no_grad():
             ep = torch.export.export(_Step(decoder.gm), (ids, mask, *past), dynamic_shapes=dynamic, strict=False,
@@ -140,7 +146,8 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
             "plan": routed.plan.to_dict(), "routing": config.routing, "profile": config.profile,
             "opset": config.opset, "dtype": "float32", "routing_sha256": routing_digest(routed),
             "inputs": ["input_ids", "attention_mask", *past_names], "outputs": ["logits", *present_names],
-            "cache": {"tensors": n_cache, "kv_heads": int(past[0].shape[1]), "head_dim": int(past[0].shape[3])},
+            "cache": {"tensors": n_cache, "kv_heads": int(past[0].shape[1]), "head_dim": int(past[0].shape[3]),
+                      "sink_slots": {past_names[i]: n for i, n in enumerate(slots) if n is not None}},
             "min_context": 4, "verification": verification, "config": asdict(config),
         }
         (tmp / f"{FILE}.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -227,7 +234,13 @@ class OrtDecoder:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
+        """Length-0 past keys and values: right for full-length and sink-slot layers alike."""
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.cache_names]
+
+    def cache_slots(self) -> list[int | None]:
+        """Per cache tensor: its sink slots where it keeps only those (the manifest says), else None."""
+        sink_slots = self.manifest.get("cache", {}).get("sink_slots", {})
+        return [sink_slots.get(name) for name in self.cache_names]
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: list):
         feeds = {"input_ids": input_ids.numpy().astype(np.int64),

@@ -17,7 +17,10 @@ they count the decoded tokens only.
 Folded units (``plan.folded``) are folded in the decode graph by the same pass,
 their forecasters and LoRA deltas tied likewise; a model folded after its
 decoder was built (``RoutedModel.fold``) has the decoder folded to match at the
-next ``decoder_for``.
+next ``decoder_for``. A forecast-folded attention unit keeps its KV cache at its
+sink slots only (``irc.passes.compact_sink_caches``): its past and present hold
+min(n_sink, P) and min(n_sink, P+T) positions, not P and P+T; ``cache_slots()``
+says which cache tensors are so, ``kv_cache_bytes`` what that saves.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch.fx import GraphModule
 from irc.errors import UserError
 from irc.generation.capture import cache_shape, capture_decode, empty_cache
 from irc.nn.cached_unit import StepHint
+from irc.passes.compact_sink_caches import compact_sink_caches, compacted_slots
 from irc.passes.drop_noop_conversions import drop_noop_conversions
 from irc.passes.fold_static_routes import fold_static_routes
 from irc.passes.pipeline import run_passes
@@ -75,7 +79,12 @@ class Decoder:
         return {name: u.execute_fraction for name, u in self.units.items()}
 
     def empty_cache(self, batch: int, device="cpu") -> list[torch.Tensor]:
+        """Length-0 past keys and values: right for full-length and sink-slot layers alike."""
         return empty_cache(self.routed.base.model.config, batch, self.routed.base.dtype, device)
+
+    def cache_slots(self) -> list[int | None]:
+        """Per cache tensor: its sink slots where it keeps only those, None where it grows with the context."""
+        return compacted_slots(self.gm, 2 * cache_shape(self.routed.base.model.config)[0])
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: list[torch.Tensor]):
         """Logits ``[B, T, V]`` of the T new tokens and the present cache (past + T tokens)."""
@@ -108,6 +117,7 @@ def decoder_for(routed) -> Decoder:
     pending = {name: how for name, how in routed.plan.folded if name not in folded_modules(decoder.gm)}
     if pending:  # folded after the decoder was built
         fold_static_routes(decoder.gm, pending)
+        compact_sink_caches(decoder.gm)
         _tie(decoder.gm, routed)
         decoder._units = None
     decoder.sync()
@@ -126,7 +136,11 @@ def build_decoder(routed) -> Decoder:
         ("route_decoder_blocks", lambda g: route_decoder_blocks(g, routed.plan)),
     ]
     if routed.plan.folded:
-        passes.append(("fold_static_routes", lambda g: fold_static_routes(g, dict(routed.plan.folded))))
+        passes += [
+            ("fold_static_routes", lambda g: fold_static_routes(g, dict(routed.plan.folded))),
+            # forecast-folded attention: a KV cache of the sink slots only, not of every token
+            ("compact_sink_caches", compact_sink_caches),
+        ]
     run_passes(gm, passes)
     _tie(gm, routed)
     return Decoder(gm=gm, routed=routed, capture_seconds=time.perf_counter() - start)

@@ -16,18 +16,27 @@ sink attends to the real tokens before it, which are all sinks, so the ``kv`` an
 ``query`` parts run on the S sink slots only (their attention mask gathered on both
 axes; slots of rows with fewer real tokens than S are masked as keys and their
 results dropped). In the decode graph (``cache`` set) the sinks attend to the
-past sinks too; the unit returns the present cache at full length, the new
-non-sink tokens' keys and values being zeros that no query ever reads (only sinks
-query this layer, and they come before every non-sink token). In eager decoding a
-step with no new sink runs no part of the unit but the norm and the forecaster; an
-exported graph cannot branch, so it runs the S = min(n_sink, T) slots every step and
-discards them (at T = 1: one token's unit, the price of a branch-free decode graph).
+past sinks too. The cache has one of two layouts:
+
+- full length (as captured): past [B, Hkv, P, hd], present [B, Hkv, P+T, hd], the
+  new non-sink tokens' keys and values being zeros that no query ever reads (only
+  sinks query this layer, and they come before every non-sink token);
+- sink slots (``compact``, set by ``irc.passes.compact_sink_caches``): past
+  [B, Hkv, min(n_sink, P), hd], present [B, Hkv, min(n_sink, P+T), hd], slot j of
+  row b holding row b's j-th real token, zeros (masked) past a row's real tokens.
+  The keys' positions in the attention mask are looked up from the mask.
+
+In eager decoding a step with no new sink runs no part of the unit but the norm
+and the forecaster (a sink-slot cache is returned as it came); an exported graph
+cannot branch, so it runs the S = min(n_sink, T) slots every step and discards
+them (at T = 1: one token's unit, the price of a branch-free decode graph).
 
 A folded unit is a compile-time specialisation: it ignores the routing mode
 (``set_routing`` only sets its ``record`` flag) and its ``threshold`` buffer. Its
 counters count real tokens as routed units do, the sinks as executed.
 
-Legend: B batch, T (new) tokens, P past tokens, S sink slots per row, D hidden.
+Legend: B batch, T (new) tokens, P past tokens, S sink slots per row (new tokens), C past cache slots
+(P, or min(n_sink, P) when compact), N present sink slots (min(n_sink, P+T)), D hidden.
 """
 
 from __future__ import annotations
@@ -83,6 +92,7 @@ class FoldedUnit(RoutingState):
         # decode graphs: per present key/value output of kv, (extra input holding the past, cat axis)
         self.cache = cache
         self.step_hint = None  # irc.nn.cached_unit.StepHint, set by the decoder around batch-1 steps
+        self.compact = False  # decode graphs: the cache holds the sink slots only (compact_sink_caches)
         self.mode = "folded"
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *extras):
@@ -104,8 +114,8 @@ class FoldedUnit(RoutingState):
             self._count(sinks, pad)
         out = self._forecast(a, pad & ~sinks)  # [B, T, D]
         if self.n_sink == 0 or (self._eager() and not bool(sinks.any())):
-            return self._with_cache(out, self._zero_cache(extras, T))
-        return self._sinks(a, out, sinks, extras)
+            return self._with_cache(out, self._cache_without_sinks(extras, P + T, T))
+        return self._sinks(a, out, full, sinks, extras)
 
     def _one_token(self, a, extras, hint):
         """A batch-1 step of one token; ``hint`` says whether it is real and whether it is a sink."""
@@ -116,10 +126,10 @@ class FoldedUnit(RoutingState):
         if executed:
             return self.body(*subset_args(self.body_roles, a, extras))
         out = self._forecast(a, None) if hint.real else torch.zeros_like(a)
-        return self._with_cache(out, self._zero_cache(extras, 1))
+        return self._with_cache(out, self._cache_without_sinks(extras, hint.mask_len, 1))
 
     # --- forecast -----------------------------------------------------------
-    def _sinks(self, a, out, sinks, extras):
+    def _sinks(self, a, out, full, sinks, extras):
         """``out`` with the sinks' rows replaced by the unit run on the sink slots only."""
         B, T, D = a.shape
         # the first S positions of each row, sinks first in order (a stable sort: one TopK)
@@ -134,22 +144,27 @@ class FoldedUnit(RoutingState):
         if self.kind == "mlp":
             u = self.body(*subset_args(self.body_roles, a_sel, extras, pos=pos))  # [B, S, D]
         else:
-            u, cache = self._sink_attention(a_sel, extras, pos, valid, T)
+            u, cache = self._sink_attention(a_sel, extras, pos, valid, full, T)
         # slots that hold no sink keep what is there (the forecast, or 0 on padding)
         u = torch.where(valid.reshape(-1, 1), u.reshape(B * S, D).to(flat.dtype), token_gather(flat, rows))
         return self._with_cache(token_scatter(flat, u, rows).view(B, T, D), cache)
 
-    def _sink_attention(self, a_sel, extras, pos, valid, T):
+    def _sink_attention(self, a_sel, extras, pos, valid, full, T):
         B, S = pos.shape
-        P = 0 if self.cache is None else extras[self.cache[0][0]].shape[self.cache[0][1]]
+        P = full.shape[1] - T  # past tokens (0 in prefill graphs)
+        C = 0 if self.cache is None else extras[self.cache[0][0]].shape[self.cache[0][1]]  # past slots held
         args = subset_args(self.kv_roles, a_sel, extras, pos=pos)
-        args = [P + S if r.kind == CONTEXT else v for r, v in zip(self.kv_roles, args, strict=True)]
-        k, v, *present = self.kv(*args)  # keys and values of the past and the sink slots: [B, H, P+S, hd]
+        args = [C + S if r.kind == CONTEXT else v for r, v in zip(self.kv_roles, args, strict=True)]
+        k, v, *present = self.kv(*args)  # keys and values of the past slots and the sink slots: [B, H, C+S, hd]
         keys, kept = pos, valid  # [B, S]: which positions of the mask's key axis k and v hold
         if self.cache is not None:
-            past = torch.arange(P, device=pos.device).unsqueeze(0).expand(B, P)  # [B, P]
-            keys = torch.cat([past, P + pos], dim=1)  # [B, P+S]
-            kept = torch.cat([torch.ones_like(past, dtype=torch.bool), valid], dim=1)
+            if self.compact:
+                past, past_kept = self._past_sinks(full[:, :P], C)  # [B, C]
+            else:
+                past = torch.arange(P, device=pos.device).unsqueeze(0).expand(B, P)  # [B, P]
+                past_kept = torch.ones_like(past, dtype=torch.bool)
+            keys = torch.cat([past, P + pos], dim=1)  # [B, C+S]
+            kept = torch.cat([past_kept, valid], dim=1)
         args = subset_args(self.query_roles, a_sel, extras, pos=pos, named={"k": k, "v": v})
         for i, role in enumerate(self.query_roles):
             if role.kind == "query_mask":  # rows gathered by subset_args; now the key axis
@@ -157,10 +172,35 @@ class FoldedUnit(RoutingState):
                 args[i] = restrict_keys(gather_rows(mask, mask.dim() - 1, keys), kept)
         o = self.query(*args)  # [B, S, D]
         cache = ()
-        if self.cache is not None:
-            cache = tuple(self._widen(p, pos, valid, P, T, axis) for p, (_, axis) in zip(present, self.cache,
-                                                                                          strict=True))
+        for p, (_, axis) in zip(present, self.cache or (), strict=True):
+            cache += (self._compacted(p, past_kept, valid, P + T, axis) if self.compact else
+                      self._widen(p, pos, valid, P, T, axis),)
         return o, cache
+
+    def _past_sinks(self, past_mask, C):
+        """Positions ``[B, C]`` in the mask of the past sinks a sink-slot cache holds, and which slots hold one.
+
+        Slot j holds the row's j-th real past token (``past_mask [B, P]``, True on real tokens).
+        """
+        order = torch.sort((~past_mask).to(torch.float32), dim=1, stable=True).indices  # [B, P] real first
+        keys = order.index_select(1, torch.arange(C, device=past_mask.device))  # [B, C]
+        return keys, past_mask.gather(1, keys)
+
+    def _compacted(self, present, past_kept, valid, context, axis):
+        """A present cache tensor (C past slots, then the S new slots) as N = min(n_sink, P+T) sink slots:
+        each row's valid past slots, then its new sinks, then zeros."""
+        B, C = past_kept.shape
+        S = valid.shape[1]
+        j = torch.arange(torch.sym_min(self.n_sink, context), device=valid.device).unsqueeze(0)  # [1, N]
+        held = past_kept.sum(dim=1, keepdim=True)  # [B, 1] valid past slots: a prefix of the C
+        total = held + valid.sum(dim=1, keepdim=True)  # [B, 1] the new sinks are a prefix of the S slots
+        index = torch.where(j < held, j, C + j - held).clamp(max=C + S - 1)  # [B, N] into the C + S
+        slots = present.dim() * [1]  # [B, 1, N, 1] for the usual axis 2
+        slots[0], slots[axis] = B, j.shape[1]
+        shape = list(present.shape)
+        shape[0], shape[axis] = B, j.shape[1]
+        out = present.gather(axis, index.view(slots).expand(shape))
+        return out.masked_fill(~(j < total).view(slots), 0)
 
     def _widen(self, present, pos, valid, P, T, axis):
         """A present cache tensor (past, then the S slots) at full length: past, then T new rows
@@ -175,16 +215,18 @@ class FoldedUnit(RoutingState):
         wide = new.new_zeros(shape).scatter(axis, pos.view(slots).expand_as(new), new)
         return torch.cat([present.narrow(axis, 0, P), wide], dim=axis)
 
-    def _zero_cache(self, extras, T) -> tuple:
-        """A step without sinks: the past, and zeros for the T new tokens (never read)."""
+    def _cache_without_sinks(self, extras, context, T) -> tuple:
+        """A step without new sinks: the past, and zeros for the T new tokens (never read); a sink-slot
+        cache as it came (zero slots appended only while P < n_sink: rows of padding)."""
         if self.cache is None:
             return ()
         cache = []
         for source, axis in self.cache:
             past = extras[source]
             shape = list(past.shape)
-            shape[axis] = T
-            cache.append(torch.cat([past, past.new_zeros(shape)], dim=axis))
+            shape[axis] = min(self.n_sink, context) - past.shape[axis] if self.compact else T  # eager if compact
+            cache.append(past if self.compact and shape[axis] == 0 else
+                         torch.cat([past, past.new_zeros(shape)], dim=axis))
         return tuple(cache)
 
     def _forecast(self, a, where) -> torch.Tensor:
@@ -200,6 +242,8 @@ class FoldedUnit(RoutingState):
         hint = self.step_hint
         if hint is None or T != 1 or tuple(attention_mask.shape) != (1, hint.mask_len) or not self._eager():
             return None
+        if self.compact and self.how == "forecast" and hint.real and hint.real_before < self.n_sink:
+            return None  # a new sink with a sink-slot cache: the body would read the past as full length
         return hint
 
     def _eager(self) -> bool:

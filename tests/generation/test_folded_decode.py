@@ -3,9 +3,9 @@
 (e) greedy decoding of a folded tiny model: every step's logits equal the folded
     prefill graph's logits at the same position (prompts shorter than n_sink,
     longer ones, and chunked prompts whose sinks arrive after a non-empty past);
-    a forecast-folded attention unit leaves zeros in the cache rows of non-sink
-    tokens (no keys or values computed for them); a model folded after its
-    decoder was built decodes folded.
+    a forecast-folded attention unit keeps its sink slots only in the cache (no
+    keys or values for the other tokens: tests/generation/test_compact_cache.py);
+    a model folded after its decoder was built decodes folded.
 """
 
 import pytest
@@ -64,12 +64,12 @@ def test_decode_steps_equal_folded_prefill(family, chunks):
         want = routed(ids)
         got, past = _decode(decoder, ids, chunks)
     assert (got - want).abs().max() <= ROUTED_EQUAL
-    # layer 0's attention is forecast-folded: cache rows of the 4 sinks only, zeros after them
-    sinks = max(4 - chunks[0], 0) + 4  # the first prompt chunk is left-padded to 4
-    k0, v0 = past[0], past[1]  # [1, Hkv, padding + 14, hd]
-    assert k0[:, :, sinks - 4:sinks].abs().amax(dim=(0, 1, 3)).min() > 0
-    assert not k0[:, :, sinks:].any() and not v0[:, :, sinks:].any()
-    assert past[2][:, :, sinks:].abs().amax(dim=(0, 1, 3)).min() > 0  # layer 1 routes: every token has keys
+    # layer 0's attention is forecast-folded: a cache of its 4 sink slots only, each holding a sink
+    k0, v0 = past[0], past[1]  # [1, Hkv, 4, hd]
+    assert k0.shape[2] == v0.shape[2] == 4 and k0.abs().amax(dim=(0, 1, 3)).min() > 0
+    pad = max(4 - chunks[0], 0)  # the first prompt chunk is left-padded to 4
+    assert past[2].shape[2] == pad + 14  # layer 1 routes: every token has keys
+    assert past[2][:, :, pad:].abs().amax(dim=(0, 1, 3)).min() > 0
 
 
 def test_left_padded_batch_decodes_as_alone():

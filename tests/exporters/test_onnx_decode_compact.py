@@ -1,0 +1,42 @@
+"""ONNX decode export of a model whose forecast-folded attention keeps a sink-slot KV cache.
+
+The compacted layer (layer 1: the one export reads the past length from in the
+captured graph) gets past / present inputs of their own dynamic length; ONNX
+Runtime generates PyTorch's tokens on a left-padded batch with a row of fewer
+real tokens than n_sink, and its presents keep min(n_sink, P+T) positions.
+"""
+
+import onnx
+import torch
+from routed_helpers import tiny_routed
+
+from irc.exporters.onnx_decode import FILE, OnnxDecodeConfig, OrtDecoder, export_decode
+from irc.generation import GenerationConfig, generate, left_pad
+from irc.plan import RoutingPlan
+
+N_SINK = 4
+
+
+def test_sink_slot_cache_exports_and_decodes_in_ort(tmp_path):
+    _, routed = tiny_routed("llama", RoutingPlan(lff_rank=16, n_sink=N_SINK))
+    routed.fold({"layer1_attn": "forecast", "layer0_mlp": "forecast"})  # layer0_attn, layer1_mlp route
+    routed.set_routing("threshold")
+    manifest = export_decode(routed, tmp_path, OnnxDecodeConfig(routing="threshold"), log=lambda _: None)
+    assert manifest["verification"]["passed"] and manifest["verification"]["tokens_equal"]
+    assert manifest["cache"]["sink_slots"] == {"past.1.key": N_SINK, "past.1.value": N_SINK}
+    inputs = {i.name: i.type.tensor_type.shape.dim for i in onnx.load(str(tmp_path / FILE),
+                                                                         load_external_data=False).graph.input}
+    assert inputs["past.1.key"][2].dim_param != inputs["past.0.key"][2].dim_param  # a length of its own
+    ort_decoder = OrtDecoder(tmp_path)
+    assert ort_decoder.cache_slots() == [None, None, N_SINK, N_SINK]
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (2, 9, 6)]  # row 0: 2 real < n_sink
+    ids, mask = left_pad(rows, pad_id=2)
+    greedy = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    assert generate(ort_decoder, ids, mask, greedy).tokens == generate(routed, ids, mask, greedy).tokens
+    with torch.no_grad():
+        _, past = ort_decoder.step(ids, mask, ort_decoder.empty_cache(3))
+        for _ in range(3):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+            _, past = ort_decoder.step(torch.full((3, 1), 7), mask, past)
+    assert [p.shape[2] for p in past] == [12, 12, N_SINK, N_SINK]
