@@ -13,7 +13,7 @@ def add_parser(subparsers) -> None:
         help="generate text with a routed model (KV cache, per-token routing)",
         description="Generate a continuation of PROMPT with a routed model directory (threshold routing, "
         "every unit decides per token) or a base model (dense). Prints the text, then tokens/s while "
-        "decoding, the achieved execute fraction and the FLOPs saved.",
+        "decoding, the achieved execute fraction, the FLOPs saved and the KV-cache bytes per token.",
     )
     p.add_argument("model", help="routed model directory (from irc convert), Hugging Face directory, "
                    ".gguf file, or smollm2-135m")
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from irc.cli.common import emit_json, info
     from irc.errors import UserError
     from irc.generation import GenerationConfig, generate
-    from irc.generation.stats import decode_flops
+    from irc.generation.stats import decode_flops, decode_kv_bytes, kv_cache_line
     from irc.routing import is_routed_dir
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -82,10 +82,11 @@ def run(args: argparse.Namespace) -> int:
     fractions = {} if routing == "dense" or result.execute_fraction is None else result.execute_fractions
     flops = decode_flops(routed.arch, routed.plan, fractions, context)
     kinds = _by_kind(result.execute_fractions)
+    kv = decode_kv_bytes(routed, model, 4 if args.backend == "ort" else None)  # ORT: fp32
     if args.json:
         emit_json({"model": args.model, "backend": args.backend, "routing": routing, "text": text,
                    "prompt_tokens": int(ids.shape[1]), **result.to_dict(), "flops_per_token": flops,
-                   "execute_by_kind": kinds, "seconds": seconds})
+                   "kv_cache_bytes": kv, "execute_by_kind": kinds, "seconds": seconds})
         return 0
     if stream is not None:
         stream.finish()
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     info(f"execute     {exec_line} (while decoding)")
     info(f"FLOPs       {flops['dense'] / 1e6:.1f} → {flops['routed'] / 1e6:.1f} MFLOP/token "
          f"({100 * flops['saved']:.1f}% saved, routers and forecasters included)")
+    info(f"KV cache    {kv_cache_line(kv)}")
     frac = "n/a" if result.execute_fraction is None else f"{result.execute_fraction:.3f}"
     info(f"PASSED generate {seconds:.1f}s tokens/s {result.tokens_per_s:.1f} execute {frac} "
          f"flops saved {100 * flops['saved']:.1f}% backend={args.backend} new={result.new_tokens}")

@@ -59,6 +59,17 @@ def kv_cache_bytes(slots: list[int | None], kv_heads: int, head_dim: int, itemsi
             "sink_slots": max(sink, default=0), "sink_bytes": sum(sink) * per_tensor}
 
 
+def decode_kv_bytes(routed, model, itemsize: int | None = None) -> dict:
+    """``kv_cache_bytes`` of the decode graph ``generate(model, ...)`` steps: a ``RoutedModel``'s
+    (in its dtype) or an ``OrtDecoder``'s (pass ``itemsize=4``: the ONNX decode file is fp32)."""
+    from irc.generation.capture import cache_shape
+    from irc.generation.generate import stepper_for
+
+    _, kv_heads, head_dim = cache_shape(routed.base.model.config)
+    itemsize = itemsize or routed.base.dtype.itemsize
+    return kv_cache_bytes(stepper_for(model).cache_slots(), kv_heads, head_dim, itemsize)
+
+
 def kv_cache_line(kv: dict) -> str:
     """``23,040 B/token (dense 46,080 B/token; 15 of 30 attention layers keep 4 sink slots)``."""
     line = f"{kv['per_token']:,} B/token (dense {kv['dense_per_token']:,} B/token"

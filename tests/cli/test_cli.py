@@ -98,10 +98,13 @@ def test_generate_on_a_tiny_model(tiny_dirs, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("PASSED generate") and "tokens/s" in out[-1] and "execute 1.000" in out[-1]
     assert any(line.startswith("FLOPs") for line in out)
+    # 2 layers × keys and values × 2 KV heads × 16 × 4 B; nothing folded: as dense
+    assert "KV cache    512 B/token (dense 512 B/token)" in out
     assert main(["generate", str(tiny_dirs["llama"]), "Paris", "--max-new-tokens", "4", "--dtype", "fp32",
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["backend"] == "torch" and len(result["tokens"][0]) >= 1
+    assert result["kv_cache_bytes"]["per_token"] == result["kv_cache_bytes"]["dense_per_token"] == 512
 
 
 def test_generate_chat_without_template_is_one_line(tiny_dirs):

@@ -12,6 +12,7 @@ from routed_helpers import tiny_routed
 
 from irc.exporters.onnx_decode import FILE, OnnxDecodeConfig, OrtDecoder, export_decode
 from irc.generation import GenerationConfig, generate, left_pad
+from irc.generation.stats import decode_kv_bytes
 from irc.plan import RoutingPlan
 
 N_SINK = 4
@@ -29,6 +30,7 @@ def test_sink_slot_cache_exports_and_decodes_in_ort(tmp_path):
     assert inputs["past.1.key"][2].dim_param != inputs["past.0.key"][2].dim_param  # a length of its own
     ort_decoder = OrtDecoder(tmp_path)
     assert ort_decoder.cache_slots() == [None, None, N_SINK, N_SINK]
+    assert decode_kv_bytes(routed, ort_decoder, 4)["per_token"] == 2 * 2 * 16 * 4  # layer 0's keys and values
     g = torch.Generator().manual_seed(3)
     rows = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (2, 9, 6)]  # row 0: 2 real < n_sink
     ids, mask = left_pad(rows, pad_id=2)

@@ -20,7 +20,7 @@ from routed_helpers import tiny_routed
 
 from irc.generation.capture import cache_shape
 from irc.generation.decoder import decoder_for
-from irc.generation.stats import kv_cache_bytes, kv_cache_line
+from irc.generation.stats import decode_kv_bytes, kv_cache_bytes, kv_cache_line
 from irc.passes.compact_sink_caches import compact_sink_caches
 from irc.plan import RoutingPlan
 
@@ -119,6 +119,7 @@ def test_kv_cache_bytes_per_token():
     assert kv == {"per_token": 256, "dense_per_token": 512, "attention_layers": 2, "sink_layers": 1,
                   "sink_slots": 4, "sink_bytes": 1024}
     assert kv_cache_line(kv) == "256 B/token (dense 512 B/token; 1 of 2 attention layers keep 4 sink slots)"
+    assert decode_kv_bytes(routed, routed) == kv  # what irc generate reports (fp32 model: 4 B)
     # and what the cache really grows by, per row and token, once the sinks are in
     ids = _ids(2, 12, seed=2)
     mask = torch.ones_like(ids)
