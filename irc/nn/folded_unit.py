@@ -264,4 +264,5 @@ class FoldedUnit(RoutingState):
     def extra_repr(self) -> str:
         lff = "none (skip)" if self.forecaster is None else f"rank {self.forecaster.w1.out_features}"
         return (f"layer={self.layer}, kind={self.kind}, folded={self.how}, n_sink={self.n_sink}, "
-                f"lff={lff if self.how == 'forecast' else '-'}, cached={self.cache is not None}")
+                f"lff={lff if self.how == 'forecast' else '-'}, cached={self.cache is not None}"
+                f"{', cache=sink slots' if self.compact else ''}")
