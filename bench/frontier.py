@@ -10,7 +10,12 @@ Rows, at FLOP budgets of 10, 20, 30 and 40% (``--budgets``):
 - ``static-lff``        — whole units replaced by their forecasters, chosen greedily;
 - ``skip`` (SkipGPT), ``static`` (ShortGPT), ``mod`` (Mixture-of-Depths) at the budget;
 - ``informed-lora`` (not in the default grid: ``--methods``) — ``informed-flops`` followed by the
-  paper's stage 4, LoRA (rank 16, α 32, q/v/gate) for half as many steps as router training.
+  paper's stage 4, LoRA (rank 16, α 32, q/v/gate) for half as many steps as router training, for
+  presets without LoRA (the standard preset has its own LoRA stage: its informed rows are these).
+
+Where a row's convert trains LoRA, the same routers without it (the checkpoint before the LoRA
+stage, calibrated alike) are evaluated too: the row's ``without_lora`` figures, a paired ablation.
+``--quick-at 0.10,0.40`` runs every row of those budgets with the quick preset (marked in the table).
 
 Every row but ``informed-folded`` is a full ``irc convert``; evaluation on the
 wiki held-out split (first 20,480 tokens, windows of 1024, bf16). For informed
@@ -38,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 BUDGETS = (0.10, 0.20, 0.30, 0.40)
 METHODS = ("informed-sparsity", "informed-flops", "informed-folded", "static-lff", "skip", "static", "mod")
-INFORMED = ("informed-sparsity", "informed-flops", "informed-folded", "informed-lora")
+INFORMED = ("informed-sparsity", "informed-flops", "informed-folded", "informed-lora",
+            "informed-flops-r300", "informed-folded-r300")
 FOLD_EPSILON = 0.05
 STYLE = {  # method → (label, matplotlib format)
     "informed-sparsity": ("informed, unit sparsity (paper)", "o--"),
@@ -49,6 +55,9 @@ STYLE = {  # method → (label, matplotlib format)
     "static": ("static (ShortGPT)", "d:"),
     "mod": ("mod (Mixture-of-Depths)", "x:"),
     "informed-lora": ("informed, FLOP budget, + LoRA", "P-"),
+    # rows measured before the standard preset had its LoRA stage (300 router steps, no LoRA)
+    "informed-flops-r300": ("informed, FLOP budget, 300 router steps, no LoRA", "o:"),
+    "informed-folded-r300": ("informed, FLOP budget, 300 router steps, no LoRA, folded", "s:"),
 }
 
 
@@ -77,8 +86,8 @@ def write(out: Path, result: dict) -> None:
         f"{'Complete.' if result['complete'] else 'Partial: rows not yet run are missing (the grid runs across sessions with --resume).'}",
         "",
         "| method | budget | preset | perplexity | × dense | FLOPs saved | unit sparsity | attn s | MLP s "
-        "| near-static | folded | routers | ORT speedup T=1024 | convert time |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| near-static | folded | routers | ORT speedup T=1024 | convert time | without LoRA |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     fmt = lambda v, f="{:.2f}": "–" if v is None else f.format(v)  # noqa: E731
     order = {m: i for i, m in enumerate(("dense", *STYLE))}
@@ -89,7 +98,7 @@ def write(out: Path, result: dict) -> None:
             f"{r['perplexity'] / dense:.2f}×" if dense else "–", f"{100 * r['flops_saved']:.1f}%",
             fmt(r.get("unit_sparsity")), fmt(kinds.get("attn")), fmt(kinds.get("mlp")),
             fmt(r.get("near_static"), "{}"), fmt(r.get("folded"), "{}"), fmt(r.get("routers"), "{}"),
-            fmt(r.get("ort_speedup"), "{:.2f}×"), fmt(r.get("seconds"), "{:.0f} s"),
+            fmt(r.get("ort_speedup"), "{:.2f}×"), fmt(r.get("seconds"), "{:.0f} s"), _without_lora_cell(r),
         ]) + " |")
     notes = [n for n in result.get("notes", [])] + [f"{r['method']} {100 * r['budget']:.0f}%: {r['note']}"
                                                   for r in rows if r.get("note")]
@@ -97,6 +106,11 @@ def write(out: Path, result: dict) -> None:
         lines += ["", "Notes:", "", *[f"- {n}" for n in notes]]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(out.with_suffix(".png"), rows, dense)
+
+
+def _without_lora_cell(r: dict) -> str:
+    w = r.get("without_lora")
+    return "–" if not w else f"{w['perplexity']:.2f} @ {100 * w['flops_saved']:.1f}%"
 
 
 def plot(path: Path, rows: list[dict], dense: float | None) -> None:
@@ -156,12 +170,25 @@ def run_convert(method: str, budget: float, preset: str, out_dir: Path) -> dict:
         if method == "informed-lora":
             from irc.train.convert import PRESETS
 
-            overrides["lora_steps"] = PRESETS[preset]["router_steps"] // 2
+            overrides["lora_steps"] = PRESETS[preset].get("lora_steps") or PRESETS[preset]["router_steps"] // 2
         variant = "informed" if method.startswith("informed") else method
         config = ConvertConfig.from_preset(None, preset, flops_saved=budget, variant=variant, **overrides)
+    snapshot = out_dir.parent / f".{out_dir.name}.routers.safetensors"
+
+    def keep_routers(stage: str, info: dict) -> None:
+        # the routers before LoRA, from the convert's own checkpoint (run or resumed): the paired ablation
+        if stage == "routers" and config.lora_steps > 0:
+            import shutil
+
+            shutil.copyfile(out_dir.parent / f".{out_dir.name}.irc-work" / "stage-routers.safetensors", snapshot)
+
     # resume=True: a row interrupted (session end, kill) continues from its checkpoints next time
-    summary = convert("smollm2-135m", out_dir, config, overwrite=True, resume=True, log=print)
+    summary = convert("smollm2-135m", out_dir, config, overwrite=True, resume=True, log=print, on_stage=keep_routers)
     entry = _entry(method, budget, preset, summary)
+    if config.lora_steps > 0 and snapshot.is_file():
+        entry["without_lora"] = without_lora(out_dir, snapshot, config)
+        print(f"    without LoRA: perplexity {entry['without_lora']['perplexity']:.2f} "
+              f"flops saved {entry['without_lora']['flops_saved']:.3f}", flush=True)
     if method.startswith("informed"):
         import irc
         from irc.train.windows import make_windows
@@ -169,6 +196,31 @@ def run_convert(method: str, budget: float, preset: str, out_dir: Path) -> dict:
         routed = irc.load(out_dir)
         entry["near_static"] = near_static(held_in_fractions(routed, _held_in(routed, make_windows)))
     return entry
+
+
+def without_lora(out_dir: Path, snapshot: Path, config) -> dict:
+    """The converted model with its routing tensors as they were before LoRA (B = 0: no delta),
+    calibrated on the convert's held-in windows to the same budget and evaluated alike."""
+    from safetensors.torch import load_file
+
+    import irc
+    from irc.data import load_corpus, token_stream
+    from irc.eval.routed import evaluate_routed, inference_mode, routed_budget
+    from irc.train.calibrate import calibrate_thresholds
+    from irc.train.windows import make_windows
+
+    routed = irc.load(out_dir)
+    routed.load_routing_state(load_file(snapshot))
+    stream = token_stream(load_corpus(config.data), routed.tokenizer)
+    held = config.calib_windows * config.lff_seq_len
+    calib = make_windows(stream[len(stream) - held:], config.lff_seq_len, config.calib_windows)
+    budget = routed_budget(routed, sparsity=config.sparsity, flops_saved=config.flops_saved, seq_len=calib.shape[1])
+    calibrate_thresholds(routed, calib, budget=budget)
+    inference_mode(routed, None)
+    heldout = token_stream(load_corpus(config.eval_data), routed.tokenizer)
+    ev = evaluate_routed(routed, heldout, seq_len=config.eval_seq_len, max_tokens=config.eval_tokens)
+    return {"perplexity": ev["perplexity"], "flops_saved": ev["flops_per_token"]["saved"],
+            "unit_sparsity": ev["sparsity"]["overall"]}
 
 
 def _held_in(routed, make_windows):
@@ -220,6 +272,8 @@ def main() -> int:
     p.add_argument("--baseline-preset", default="quick", choices=["quick", "standard"],
                    help="preset of the skip / mod rows (default quick); static and static-lff train no routers "
                    "and take the informed preset")
+    p.add_argument("--quick-at", default="",
+                   help="comma-separated budgets whose rows all use the quick preset (where the grid cannot fit)")
     p.add_argument("--redo", help="comma-separated row keys to measure again (their old rows are replaced)")
     p.add_argument("--only", help="comma-separated row keys, e.g. informed-flops@0.20,static-lff@0.20")
     p.add_argument("--resume", action="store_true", help="keep rows already in the JSON")
@@ -250,6 +304,7 @@ def main() -> int:
         keep = set(args.only.split(","))
         wanted = [(m, b) for m, b in wanted if key(m, b) in keep]
     redo = set(args.redo.split(",")) if args.redo else set()
+    quick_at = {float(b) for b in args.quick_at.split(",") if b}
     done = {key(r["method"], r["budget"]): r for r in result["rows"] if key(r["method"], r["budget"]) not in redo}
     for method, budget in wanted:
         k = key(method, budget)
@@ -278,6 +333,8 @@ def main() -> int:
                 # (forecaster windows, held-in windows), so the two differ only in routing
                 trains_routers = method in ("skip", "mod")
                 preset = args.baseline_preset if trains_routers else args.informed_preset
+                if budget in quick_at:
+                    preset = "quick"
                 row = run_convert(method, budget, preset, work / k)
             row["row_seconds"] = round(time.perf_counter() - t, 1)
             result["rows"] = [r for r in result["rows"] if key(r["method"], r["budget"]) != k] + [row]

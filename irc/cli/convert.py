@@ -45,8 +45,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kv-policy", default="keep", choices=["keep", "drop"])
     p.add_argument("--no-router-init", action="store_true", help="skip stage 2 (router init from LFF error)")
     p.add_argument("--router-steps", type=int, help="override the preset's router training steps")
-    p.add_argument("--lora-steps", type=int, default=0,
-                   help="after router training, train LoRA (rank 16, α 32, q/v/gate) for N steps, routers frozen")
+    p.add_argument("--lora-steps", type=int,
+                   help="after router training, train LoRA (rank 16, α 32, q/v/gate) for N steps, routers frozen "
+                   "(default: the preset's, quick 0, standard 50; 0 skips it)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-dense-eval", action="store_true", help="do not evaluate the dense model")
@@ -65,12 +66,14 @@ def run(args: argparse.Namespace) -> int:
     overrides = {}
     if args.router_steps is not None:
         overrides["router_steps"] = args.router_steps
+    if args.lora_steps is not None:
+        overrides["lora_steps"] = args.lora_steps
     config = ConvertConfig.from_preset(
         args.sparsity, args.preset, flops_saved=args.flops_saved,
         fold_epsilon=None if args.no_fold else args.fold_epsilon, variant=args.variant, data=args.data, eval_data=args.eval_data,
         seed=args.seed, dtype=args.dtype, lff_rank=args.lff_rank, lff_activation=args.lff_form,
         lff_method=args.lff_fit, kv_policy=args.kv_policy, router_init=not args.no_router_init,
-        eval_tokens=args.eval_tokens, evaluate_dense=not args.no_dense_eval, lora_steps=args.lora_steps,
+        eval_tokens=args.eval_tokens, evaluate_dense=not args.no_dense_eval,
         **overrides,
     )
     check_output(args.out)  # before any work

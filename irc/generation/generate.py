@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils import parametrize
 
 from irc.generation.capture import MIN_CONTEXT
 from irc.generation.sampling import GenerationConfig, next_token
@@ -95,7 +96,8 @@ def generate(
     eos = torch.tensor(list(eos_token_ids) or [-1])
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     stepper.reset_stats()
-    with torch.no_grad():
+    # LoRA weights are parametrizations (W + α/r·BA): computed once for the whole generation, not per step
+    with torch.no_grad(), parametrize.cached():
         start = time.perf_counter()
         logits, past = stepper.step(input_ids, mask, stepper.empty_cache(B))
         token = next_token(logits[:, -1], config, generator)  # [B]

@@ -22,6 +22,13 @@ class LoRATrainConfig:
     batch_size: int = 2
     lr: float = 1e-4
     tau: float = 1.0
+    # "train": hard Gumbel gates at ``tau`` (the routed model learns to live with its routing);
+    # "dense": every unit runs (LoRA on the dense model: the reference for what the data alone buys)
+    routing: str = "train"
+
+    def __post_init__(self):
+        if self.routing not in ("train", "dense"):
+            raise ValueError(f"routing must be train or dense, got {self.routing!r}")
 
 
 def train_lora(routed, windows: torch.Tensor, config: LoRATrainConfig, *, show_progress: bool = True) -> dict:
@@ -39,7 +46,10 @@ def train_lora(routed, windows: torch.Tensor, config: LoRATrainConfig, *, show_p
         for step in range(config.steps):
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-            routed.set_routing("train", tau=config.tau, record=False)
+            if config.routing == "dense":
+                routed.set_routing("dense", record=False)
+            else:
+                routed.set_routing("train", tau=config.tau, record=False)
             idx = step * config.batch_size
             batch = torch.stack([windows[(idx + i) % len(windows)] for i in range(config.batch_size)])
             mask = torch.ones_like(batch)

@@ -54,3 +54,20 @@ def test_folded_decode_exports_and_verifies(tmp_path):
     routed.set_routing("threshold")
     manifest = export_decode(routed, tmp_path, OnnxDecodeConfig(routing="threshold"), log=lambda s: None)
     assert manifest["verification"]["passed"] and manifest["verification"]["tokens_equal"]
+
+
+def test_lora_model_exports_prefill_and_decode(tmp_path):
+    """A converted model with trained LoRA (the standard preset's) exports; ORT matches torch."""
+    from irc.exporters.onnx_decode import OnnxDecodeConfig, export_decode
+
+    _, routed = tiny_routed("llama", RoutingPlan(lff_rank=16, n_sink=4, lora_rank=4))
+    with torch.no_grad():
+        for u in routed.units.values():
+            for d in u.lora.values():
+                d.B.normal_(0, 0.05)
+    routed.fold({"layer0_mlp": "plain"})
+    manifest = export_onnx(routed, tmp_path / "model.onnx", OnnxExportConfig(routing="threshold"), log=lambda s: None)
+    assert manifest["verification"]["passed"] and manifest["verification"]["max_abs_diff"] < 1e-4
+    routed.set_routing("threshold")
+    manifest = export_decode(routed, tmp_path / "decode", OnnxDecodeConfig(routing="threshold"), log=lambda s: None)
+    assert manifest["verification"]["passed"] and manifest["verification"]["tokens_equal"]

@@ -59,3 +59,32 @@ def test_no_lora_is_an_error():
     _, routed = tiny_routed("llama")
     with pytest.raises(ValueError, match="has no LoRA"):
         train_lora(routed, torch.randint(3, 40, (2, 8)), LoRATrainConfig(steps=1))
+
+
+def test_dense_lora_trains_with_every_unit_executing():
+    torch.manual_seed(0)
+    _, routed = tiny_routed("llama", RoutingPlan(lff_rank=16, n_sink=2, lora_rank=8))
+    windows = torch.randint(3, 40, (8, 32))
+    result = train_lora(routed, windows, LoRATrainConfig(steps=30, batch_size=4, lr=1e-2, routing="dense"),
+                        show_progress=False)
+    assert result["last_ce"] < 0.9 * result["first_ce"]
+    with pytest.raises(ValueError, match="routing must be"):
+        LoRATrainConfig(routing="threshold")
+
+
+def test_generation_with_lora_matches_prefill():
+    """``generate`` caches the LoRA parametrizations for the whole loop: the logits are unchanged."""
+    from irc.generation import GenerationConfig, generate
+
+    _, routed = tiny_routed("llama", RoutingPlan(lff_rank=16, n_sink=2, lora_rank=4))
+    with torch.no_grad():
+        for u in routed.units.values():
+            for d in u.lora.values():
+                d.B.normal_(0, 0.05)
+    routed.set_routing("dense")
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(0))
+    result = generate(routed, ids, config=GenerationConfig(max_new_tokens=5, stop_at_eos=False))
+    full = torch.cat([ids, torch.tensor([result.tokens[0][:-1]])], dim=1)
+    with torch.no_grad():
+        logits = routed(full, torch.ones_like(full))
+    assert logits[0, ids.shape[1] - 1:].argmax(-1).tolist() == result.tokens[0]

@@ -1,0 +1,93 @@
+"""What LoRA buys the dense model: the reference for the routed models' LoRA stage.
+
+The standard preset's LoRA stage trains rank-16 adapters (q/v/gate) on wiki:train
+windows with routing on. Part of what it buys is adaptation to the corpus, which
+the dense model would get too. This runs the same LoRA stage (the same windows of
+the training stream, the same steps, batch, learning rate and schedule) with every
+unit executing, then measures perplexity on the wiki held-out split as the
+frontier does (first 20,480 tokens, windows of 1024, bf16).
+
+    .venv/bin/python bench/lora_reference.py        # → docs/results/lora_reference.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def lora_windows(stream, config):
+    """The windows the convert's LoRA stage trains on: the stream after the calibration tail is
+    held out and the forecaster, router-init and router-training windows are taken, in that order
+    (``irc.train.convert``'s ``Job.take`` sequence)."""
+    from irc.train.windows import make_windows
+
+    train = stream[: len(stream) - config.calib_windows * config.lff_seq_len]
+    cursor = (config.lff_windows + config.init_windows) * config.lff_seq_len
+    routers = min((len(train) - cursor) // config.train_seq_len, config.router_steps * config.batch_size)
+    cursor += routers * config.train_seq_len
+    count = min((len(train) - cursor) // config.train_seq_len, config.lora_steps * config.batch_size)
+    return make_windows(train, config.train_seq_len, count, start=cursor)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="standard")
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "lora_reference"))
+    args = p.parse_args()
+
+    import torch
+
+    from irc.data import load_corpus, token_stream
+    from irc.eval import evaluate_perplexity
+    from irc.models import load_model
+    from irc.plan import RoutingPlan
+    from irc.routing import route
+    from irc.train.convert import ConvertConfig
+    from irc.train.lora_train import LoRATrainConfig, train_lora
+
+    config = ConvertConfig.from_preset(None, args.preset, flops_saved=0.2)
+    if config.lora_steps <= 0:
+        raise SystemExit(f"the {args.preset} preset trains no LoRA")
+    torch.manual_seed(config.seed)
+    base = load_model("smollm2-135m", dtype=config.dtype)
+    heldout = token_stream(load_corpus("wiki:heldout"), base.tokenizer)
+    windows = lora_windows(token_stream(load_corpus(config.data), base.tokenizer), config)
+    routed = route(base, RoutingPlan(lora_rank=config.lora_rank))
+    routed.set_routing("dense")
+    before = evaluate_perplexity(routed, heldout, seq_len=1024, max_tokens=20480).perplexity
+    t = time.perf_counter()
+    record = train_lora(routed, windows, LoRATrainConfig(steps=config.lora_steps, batch_size=config.batch_size,
+                                                         lr=config.lora_lr, routing="dense"))
+    seconds = time.perf_counter() - t
+    routed.set_routing("dense")
+    after = evaluate_perplexity(routed, heldout, seq_len=1024, max_tokens=20480).perplexity
+    command = "python bench/lora_reference.py " + " ".join(sys.argv[1:])
+    result = {"command": command.strip(), "preset": args.preset, "lora_steps": config.lora_steps,
+              "batch_size": config.batch_size, "lora_lr": config.lora_lr, "lora_rank": config.lora_rank,
+              "train_windows": int(windows.shape[0]), "dense_perplexity": before,
+              "dense_lora_perplexity": after, "lora": record, "seconds": round(seconds, 1),
+              "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join([
+        "# LoRA on the dense model (the reference for the LoRA stage)", "",
+        f"`{result['command']}` ({result['machine']}): the {args.preset} preset's LoRA stage "
+        f"({config.lora_steps} steps, batch {config.batch_size}×{config.train_seq_len}, lr {config.lora_lr}, "
+        f"rank {config.lora_rank}, q/v/gate) on the same wiki:train windows, every unit executing.", "",
+        "| model | perplexity (wiki held-out, 20,480 tokens) |", "|---|---:|",
+        f"| dense | {before:.2f} |", f"| dense + LoRA | {after:.2f} |", "",
+    ]))
+    print(f"dense {before:.2f} → dense + LoRA {after:.2f} ({seconds:.0f} s of LoRA)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
