@@ -24,17 +24,17 @@ sys.path.insert(0, str(ROOT))
 
 
 def lora_windows(stream, config):
-    """The windows the convert's LoRA stage trains on: the stream after the calibration tail is
-    held out and the forecaster, router-init and router-training windows are taken, in that order
-    (``irc.train.convert``'s ``Job.take`` sequence)."""
-    from irc.train.windows import make_windows
+    """The windows the convert's LoRA stage trains on, taken by the convert's own stages in their
+    order (the calibration tail held out first)."""
+    from irc.train.convert import STAGES, Job
 
     train = stream[: len(stream) - config.calib_windows * config.lff_seq_len]
-    cursor = (config.lff_windows + config.init_windows) * config.lff_seq_len
-    routers = min((len(train) - cursor) // config.train_seq_len, config.router_steps * config.batch_size)
-    cursor += routers * config.train_seq_len
-    count = min((len(train) - cursor) // config.train_seq_len, config.lora_steps * config.batch_size)
-    return make_windows(train, config.train_seq_len, count, start=cursor)
+    job = Job(config=config, source="", base=None, stream=train, calib=None, work=None, log=print,
+              show_progress=False, on_stage=lambda name, info: None)
+    for stage in STAGES:
+        if stage.data is not None and stage.applies(config):
+            stage.data(job)
+    return job.windows["lora"]
 
 
 def main() -> int:

@@ -360,9 +360,19 @@ def _routers(job: Job) -> dict:
 
 
 def _lora_data(job: Job) -> None:
+    """The windows after the routers' ones; where the stream runs out (router training may take
+    all of it), the rest are the routers' windows again, from their first: seen data, a fixed order."""
     c = job.config
-    job.windows["lora"] = job.take(min((len(job.stream) - job.cursor) // c.train_seq_len,
-                                       c.lora_steps * c.batch_size), c.train_seq_len)
+    need = c.lora_steps * c.batch_size
+    fresh = job.take(min((len(job.stream) - job.cursor) // c.train_seq_len, need), c.train_seq_len)
+    if len(fresh) < need:
+        seen = job.windows.get("routers")
+        if seen is None or len(seen) == 0 or seen.shape[1] != c.train_seq_len:
+            raise UserError(f"the training data leaves no windows of {c.train_seq_len} tokens for LoRA; "
+                            "use more data or fewer router steps")
+        again = seen[torch.arange(need - len(fresh)) % len(seen)]
+        fresh = torch.cat([fresh, again]) if len(fresh) else again
+    job.windows["lora"] = fresh
 
 
 def _lora(job: Job) -> dict:

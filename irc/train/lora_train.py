@@ -39,6 +39,8 @@ def train_lora(routed, windows: torch.Tensor, config: LoRATrainConfig, *, show_p
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
+    if len(windows) == 0:
+        raise ValueError("LoRA training needs at least one window")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     bar = progress(total=config.steps, desc="LoRA", unit="step", enabled=show_progress)
     first = last = None

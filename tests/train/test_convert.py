@@ -151,3 +151,24 @@ def test_a_budget_is_required_and_single(tiny_corpus):
         _config(tiny_corpus, sparsity=0.2, flops_saved=0.2)
     with pytest.raises(UserError, match="static-lff chooses units by FLOPs"):
         _config(tiny_corpus, variant="static-lff")
+
+
+def test_lora_reuses_the_router_windows_where_the_stream_runs_out():
+    """Router training may take the whole stream (the standard preset does on wiki:train): LoRA then
+    trains on the routers' windows again, from their first, rather than on nothing."""
+    import numpy as np
+    import torch
+
+    from irc.train.convert import STAGES, Job
+
+    config = ConvertConfig(sparsity=0.5, lff_seq_len=8, lff_windows=2, init_windows=1, router_steps=10,
+                           batch_size=2, train_seq_len=4, lora_steps=3)
+    job = Job(config=config, source="", base=None, stream=np.arange(24 + 4 * 5), calib=None, work=None,
+              log=print, show_progress=False, on_stage=lambda name, info: None)
+    for stage in STAGES:
+        if stage.data is not None and stage.applies(config):
+            stage.data(job)
+    routers, lora = job.windows["routers"], job.windows["lora"]
+    assert routers.shape == (5, 4)  # 20 wanted, 5 left after the forecaster and init windows
+    assert lora.shape == (6, 4)
+    assert torch.equal(lora, routers[torch.arange(6) % 5])
