@@ -11,7 +11,16 @@ that would make ``trt.OnnxParser`` or the engine build fail on a GPU machine:
 - no other custom-domain op (nothing else has a plugin);
 - every ``TopK`` has ``k <= 3840`` (TensorRT's limit) over the declared sequence range,
   and ``sorted=1``;
-- ``NonZero`` gets a float input (the parser lists FP32/FP16 only for it).
+- ``NonZero`` gets a float input (the parser lists FP32/FP16 only for it);
+- every ``If`` (TensorRT's ``IIfConditional``) has a BOOL condition of static shape with
+  one element (the parser reshapes it to the 0-D predicate ``setCondition`` takes), two
+  branches with as many outputs, and per output the same element type (one of those a
+  conditional carries: FP32, FP16, BF16, INT32, INT64, BOOL) and, unless the condition is
+  a build-time constant (the parser then imports the taken branch only), the same rank
+  and two different tensor names.
+
+Nodes inside ``If`` branches (and ``Loop`` / ``Scan`` bodies) get the same checks; a
+problem there names its path, e.g. ``unit3 (If) > then_branch > mlp_gate (MatMul): ...``.
 
 TopK's k is bounded by a small interpreter over the integer ops that feed it
 (constants, ``Shape``, ``Gather``, ``Slice``, ``Concat``, arithmetic). A symbolic dim at
@@ -24,6 +33,11 @@ the interpreter cannot bound (the batch size, a data-dependent value) makes k
 Source of the op list: onnx/onnx-tensorrt ``docs/operators.md`` for TensorRT 10.15
 (opset 9–24), the rows marked ``Y``. That page says TopK's "K input must be less than
 3840"; TensorRT's ITopKLayer documents 3840 as the maximum; this lint allows ``k = 3840``.
+``If``: the same page's row ("the two conditional branches must have the same rank and
+must have different names"), the If importer of onnx-tensorrt (``onnxOpImporters.cpp``:
+constant conditions parse one branch, others go through ``convertToScalar``, which needs
+a static volume of 1) and TensorRT's operator page for ``If`` ("ranks must be equal
+unless the condition is a build-time constant").
 """
 
 from __future__ import annotations
@@ -65,6 +79,9 @@ ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+_T = onnx.TensorProto
+# the types onnx-tensorrt lists for If (docs/operators.md)
+_IF_TYPES = (_T.FLOAT, _T.FLOAT16, _T.BFLOAT16, _T.INT32, _T.INT64, _T.BOOL)
 
 
 def lint_for_tensorrt(model: onnx.ModelProto, *, max_seq: int) -> list[str]:
@@ -87,8 +104,8 @@ def lint_for_tensorrt(model: onnx.ModelProto, *, max_seq: int) -> list[str]:
     except Exception:  # a model the checker rejects still gets the structural checks
         inferred = model
     bounds = _Bounds(inferred.graph, _seq_symbols(model.graph), max_seq)
-    for node in _all_nodes(model.graph):
-        problems.extend(_check_node(node, bounds, max_seq))
+    for path, node in _all_nodes(inferred.graph):
+        problems.extend(_check_node(node, path + _label(node), bounds, max_seq))
     return problems
 
 
@@ -96,16 +113,29 @@ def _label(node: onnx.NodeProto) -> str:
     return f"{node.name or '<unnamed>'} ({node.domain + '::' if node.domain else ''}{node.op_type})"
 
 
-def _all_nodes(graph: onnx.GraphProto):
+def _subgraphs(node: onnx.NodeProto):
+    """(attribute name, graph) of a node's bodies: If branches (then first), Loop / Scan bodies."""
+    for attr in sorted(node.attribute, key=lambda a: a.name != "then_branch"):  # helper sorts by name
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            yield attr.name, sub
+
+
+def _all_nodes(graph: onnx.GraphProto, path: str = ""):
+    """(path, node) for every node, nested bodies included; path is ``"outer (If) > then_branch > "``."""
     for node in graph.node:
-        yield node
-        for attr in node.attribute:  # If / Loop / Scan bodies
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                yield from _all_nodes(sub)
+        yield path, node
+        for attr_name, sub in _subgraphs(node):
+            yield from _all_nodes(sub, f"{path}{_label(node)} > {attr_name} > ")
 
 
-def _check_node(node: onnx.NodeProto, bounds: _Bounds, max_seq: int) -> list[str]:
-    where = _label(node)
+def _all_graphs(graph: onnx.GraphProto):
+    yield graph
+    for _, node in _all_nodes(graph):
+        for _, sub in _subgraphs(node):
+            yield sub
+
+
+def _check_node(node: onnx.NodeProto, where: str, bounds: _Bounds, max_seq: int) -> list[str]:
     if node.op_type in PLUGIN_OPS:
         return _check_plugin_node(node, where)
     if node.domain not in _STANDARD_DOMAINS:
@@ -115,6 +145,8 @@ def _check_node(node: onnx.NodeProto, bounds: _Bounds, max_seq: int) -> list[str
         return [f"{where}: op not supported by TensorRT's ONNX parser"]
     if node.op_type == "TopK":
         return _check_topk(node, where, bounds, max_seq)
+    if node.op_type == "If":
+        return _check_if(node, where, bounds)
     if node.op_type == "NonZero":
         elem = bounds.elem_type(node.input[0])
         if elem is not None and elem not in _FLOAT_TYPES:
@@ -156,6 +188,47 @@ def _check_topk(node: onnx.NodeProto, where: str, bounds: _Bounds, max_seq: int)
     return problems
 
 
+def _check_if(node: onnx.NodeProto, where: str, bounds: _Bounds) -> list[str]:
+    """TensorRT's IIfConditional: a 0-D BOOL predicate and per output one rank and type."""
+    problems = []
+    cond = node.input[0]
+    elem = bounds.elem_type(cond)
+    if elem is not None and elem != _T.BOOL:
+        problems.append(f"{where}: the condition {cond!r} is {_T.DataType.Name(elem)}; TensorRT's "
+                        "IIfConditional takes a BOOL scalar: compare or Cast it to bool first")
+    dims = bounds.static_dims(cond)
+    if dims is not None and (None in dims or math.prod(dims) != 1):
+        shape = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+        problems.append(f"{where}: the condition {cond!r} has shape {shape}; TensorRT needs a scalar or a "
+                        "tensor of static shape with one element (it is reshaped to the 0-D predicate)")
+    branches = dict(_subgraphs(node))
+    then, other = branches.get("then_branch"), branches.get("else_branch")
+    if then is None or other is None:
+        return problems + [f"{where}: needs both then_branch and else_branch"]
+    if len(then.output) != len(other.output):
+        return problems + [f"{where}: then_branch has {len(then.output)} outputs, else_branch "
+                           f"{len(other.output)}; TensorRT pairs them one to one"]
+    constant = bounds.is_const(cond)  # the parser then imports the taken branch only
+    for i, (t, e) in enumerate(zip(then.output, other.output, strict=True)):
+        out = f"{where}: output {i}"
+        if not constant and t.name == e.name:
+            problems.append(f"{out} is the tensor {t.name!r} in both branches; TensorRT's parser needs "
+                            "two different names (add an Identity in one branch)")
+        types = [bounds.elem_type(t.name) or t.type.tensor_type.elem_type or None,
+                 bounds.elem_type(e.name) or e.type.tensor_type.elem_type or None]
+        if None not in types and types[0] != types[1]:
+            names = " vs ".join(_T.DataType.Name(x) for x in types)
+            problems.append(f"{out} has different element types in the branches ({names})")
+        elif types[0] is not None and types[0] not in _IF_TYPES:
+            problems.append(f"{out} is {_T.DataType.Name(types[0])}; TensorRT's If carries "
+                            f"{', '.join(_T.DataType.Name(x) for x in _IF_TYPES)} only")
+        ranks = [bounds.rank(t.name, t), bounds.rank(e.name, e)]
+        if not constant and None not in ranks and ranks[0] != ranks[1]:
+            problems.append(f"{out} has rank {ranks[0]} in then_branch and {ranks[1]} in else_branch; "
+                            "TensorRT's IIfConditional needs equal ranks (broadcast or reshape one branch)")
+    return problems
+
+
 def _seq_symbols(graph: onnx.GraphProto) -> set[str]:
     """Symbolic dims at axis 1 of 2-D graph inputs: the sequence axis of [batch, seq]."""
     names = set()
@@ -174,12 +247,18 @@ class _Bounds:
         self.producer = {}
         self.values: dict[str, onnx.ValueInfoProto] = {}
         self.consts: dict[str, list] = {}
-        for init in graph.initializer:
-            if init.data_location != onnx.TensorProto.EXTERNAL:
-                self.consts[init.name] = numpy_helper.to_array(init).reshape(-1).tolist()
-        for v in [*graph.input, *graph.value_info, *graph.output]:
-            self.values[v.name] = v
-        for node in _all_nodes(graph):
+        self.const_dims: dict[str, list[int]] = {}
+        # ONNX names are unique across nested graphs (no shadowing), so one table serves all
+        for g in _all_graphs(graph):
+            for init in g.initializer:
+                self.const_dims[init.name] = list(init.dims)
+                if init.data_location != onnx.TensorProto.EXTERNAL:
+                    self.consts[init.name] = numpy_helper.to_array(init).reshape(-1).tolist()
+            for v in [*g.input, *g.value_info, *g.output]:
+                known = self.values.get(v.name)  # keep the better-typed declaration
+                if known is None or _info(v) > _info(known):
+                    self.values[v.name] = v
+        for _, node in _all_nodes(graph):
             for out in node.output:
                 self.producer[out] = node
         self.cache: dict[str, list | None] = {}
@@ -194,6 +273,25 @@ class _Bounds:
             return None
         return [d.dim_value if d.HasField("dim_value") else self._symbol(d.dim_param)
                 for d in v.type.tensor_type.shape.dim]
+
+    def static_dims(self, name: str) -> list | None:
+        """The build-time dims (``None`` for a symbolic one); ``None`` if the shape is unknown."""
+        if name in self.const_dims:
+            return self.const_dims[name]
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            return list(value.t.dims) if value is not None else None
+        v = self.values.get(name)
+        if v is None or not v.type.tensor_type.HasField("shape"):
+            return None
+        return [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+
+    def rank(self, name: str, declared: onnx.ValueInfoProto) -> int | None:
+        dims = self.static_dims(name)
+        if dims is None and declared.type.tensor_type.HasField("shape"):
+            return len(declared.type.tensor_type.shape.dim)
+        return None if dims is None else len(dims)
 
     def _symbol(self, expr: str) -> int | None:
         """Evaluate a dim expression over the sequence symbols; None if it has others."""
@@ -236,15 +334,21 @@ class _Bounds:
             return [args[0][int(i)] if i is not None else None for i in args[1]]
         if op == "Slice" and args[0] is not None and all(a is not None for a in args[1:3]):
             return args[0][int(args[1][0]): int(args[2][0])]
-        if op in ("Sub", "Div") and not self._is_const(node.input[1]):
+        if op in ("Sub", "Div") and not self.is_const(node.input[1]):
             return None  # an upper bound of a - b or a / b needs b exactly
         if op in ("Add", "Mul", "Max", "Min", "Div", "Sub") and args[0] is not None and args[1] is not None:
             return _elementwise(op, args[0], args[1])
         return None
 
-    def _is_const(self, name: str) -> bool:
+    def is_const(self, name: str) -> bool:
         node = self.producer.get(name)
-        return name in self.consts or (node is not None and node.op_type == "Constant")
+        return name in self.const_dims or (node is not None and node.op_type == "Constant")
+
+
+def _info(v: onnx.ValueInfoProto) -> int:
+    """How much a declaration says: 0 nothing, 1 an element type, 2 a shape too."""
+    t = v.type.tensor_type
+    return (1 if t.elem_type else 0) + (1 if t.HasField("shape") else 0)
 
 
 def _elementwise(op: str, a: list, b: list) -> list | None:

@@ -150,7 +150,138 @@ def test_nodes_inside_subgraphs_are_checked_and_opset_range():
               helper.make_tensor_value_info("c", TensorProto.BOOL, [])]
     problems = lint_for_tensorrt(_model(nodes, inputs=inputs, opset=8), max_seq=8)
     assert problems[0].startswith("model: opset 8")
-    assert any(p.startswith("inner (Unique)") for p in problems)
+    assert any(p.startswith("branch (If) > then_branch > inner (Unique)") for p in problems)
+
+
+def _branch(name, nodes, out="t", elem=TensorProto.FLOAT, shape=("N", 8)):
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, elem, list(shape))])
+
+
+def _if_model(then, other, *, cond_elem=TensorProto.BOOL, cond_shape=(), cond_nodes=(), initializers=(),
+              outputs=None):
+    """x [N, 8], ids [batch, seq], cond -> If(cond) -> y [N, 8] (the decode graph's unit-level branch)."""
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+              helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])]
+    if not cond_nodes and "c" not in {i.name for i in initializers}:
+        inputs.append(helper.make_tensor_value_info("c", cond_elem, list(cond_shape)))
+    outputs = outputs or [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])]
+    nodes = [*cond_nodes, helper.make_node("If", ["c"], [o.name for o in outputs], then_branch=then,
+                                           else_branch=other, name="unit0")]
+    return _model(nodes, inputs=inputs, outputs=outputs, initializers=initializers)
+
+
+def _execute_unit():
+    return _branch("execute", [helper.make_node("MatMul", ["x", "w"], ["h"], name="up"),
+                               helper.make_node("Relu", ["h"], ["t"], name="act")], out="t")
+
+
+def _forecast_unit():
+    return _branch("forecast", [helper.make_node("Identity", ["x"], ["e"], name="lff")], out="e")
+
+
+W = [helper.make_tensor("w", TensorProto.FLOAT, [8, 8], [0.0] * 64)]
+
+
+@pytest.mark.parametrize("cond_shape", [(), (1,), (1, 1)], ids=["scalar", "one-element", "one-by-one"])
+def test_a_decode_branch_with_a_bool_scalar_condition_is_clean(cond_shape):
+    model = _if_model(_execute_unit(), _forecast_unit(), cond_shape=cond_shape, initializers=W)
+    onnx.checker.check_model(model, full_check=True)
+    assert lint_for_tensorrt(model, max_seq=64) == []
+
+
+@pytest.mark.parametrize("batch,problem", [(1, None), ("batch", "has shape [?, 1]")], ids=["batch-1", "dynamic-batch"])
+def test_a_condition_computed_by_the_router_of_one_token(batch, problem):
+    # exec = logit_exec >= logit_approx + theta for the one decoded token: [B, 1] BOOL
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 1, 2])
+    cond = [helper.make_node("Gather", ["logits", "i0"], ["l_exec"], axis=2),
+            helper.make_node("Gather", ["logits", "i1"], ["l_approx"], axis=2),
+            helper.make_node("Add", ["l_approx", "theta"], ["bar"]),
+            helper.make_node("GreaterOrEqual", ["l_exec", "bar"], ["c"], name="router")]
+    init = W + [helper.make_tensor("i0", TensorProto.INT64, [], [0]),
+                helper.make_tensor("i1", TensorProto.INT64, [], [1]),
+                helper.make_tensor("theta", TensorProto.FLOAT, [], [0.0])]
+    model = _if_model(_execute_unit(), _forecast_unit(), cond_nodes=cond, initializers=init)
+    model.graph.input.append(logits)
+    problems = lint_for_tensorrt(model, max_seq=64)
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problems[0].startswith("unit0 (If): the condition 'c'") and problem in problems[0]
+
+
+@pytest.mark.parametrize("elem,shape,message", [
+    (TensorProto.FLOAT, (), "is FLOAT; TensorRT's IIfConditional takes a BOOL scalar"),
+    (TensorProto.INT64, (1,), "is INT64"),
+    (TensorProto.BOOL, (2,), "has shape [2]"),
+    (TensorProto.BOOL, ("batch",), "has shape [?]"),
+    (TensorProto.BOOL, ("batch", "seq"), "has shape [?, ?]"),
+], ids=["float", "int64", "two-elements", "batch-axis", "batch-by-seq"])
+def test_a_condition_that_is_not_a_static_bool_scalar_is_reported(elem, shape, message):
+    problems = lint_for_tensorrt(_if_model(_execute_unit(), _forecast_unit(), cond_elem=elem, cond_shape=shape,
+                                           initializers=W), max_seq=64)
+    assert len(problems) == 1
+    assert problems[0].startswith("unit0 (If): the condition 'c'") and message in problems[0]
+
+
+def test_nodes_inside_branches_get_the_per_node_checks_with_their_path():
+    gather = helper.make_node("TokenGather", ["x", "idx"], ["g"], domain="ai.onnx.contrib", name="gather")
+    inner = helper.make_node("If", ["c"], ["g2"], name="inner",
+                             then_branch=_branch("t2", [gather], out="g"),
+                             else_branch=_branch("e2", [helper.make_node("Identity", ["x"], ["f"])], out="f"))
+    then = _branch("execute", [helper.make_node("Unique", ["x"], ["t"], name="uniq")])
+    other = _branch("forecast", [inner], out="g2")
+    graph_init = [helper.make_tensor("idx", TensorProto.INT64, [1], [0])]
+    problems = lint_for_tensorrt(_if_model(then, other, initializers=graph_init), max_seq=64)
+    assert problems[0] == "unit0 (If) > then_branch > uniq (Unique): op not supported by TensorRT's ONNX parser"
+    assert [p.split(": ")[0] for p in problems[1:]] == \
+        ["unit0 (If) > else_branch > inner (If) > then_branch > gather (ai.onnx.contrib::TokenGather)"] * 2
+    assert "missing string attribute plugin_namespace" in problems[1]
+
+
+def test_topk_inside_a_branch_is_bounded_by_the_outer_sequence_length():
+    topk = [helper.make_node("Shape", ["ids"], ["k"], start=1, end=2, name="seq_len"),
+            helper.make_node("Cast", ["ids"], ["s"], to=TensorProto.FLOAT),
+            helper.make_node("TopK", ["s", "k"], ["v", "i"], name="topk"),
+            helper.make_node("Identity", ["x"], ["t"])]
+    model = _if_model(_branch("execute", topk), _forecast_unit(), initializers=W)
+    assert lint_for_tensorrt(model, max_seq=TOPK_MAX_K) == []
+    problems = lint_for_tensorrt(model, max_seq=TOPK_MAX_K + 1)
+    assert len(problems) == 1 and problems[0].startswith("unit0 (If) > then_branch > topk (TopK): k can reach 3841")
+
+
+def test_branch_outputs_need_one_rank_one_type_and_two_names():
+    flat = _branch("forecast", [helper.make_node("Flatten", ["x"], ["e"], axis=0)], out="e", shape=(None,))
+    flat.output[0].type.tensor_type.shape.ClearField("dim")
+    flat.output[0].type.tensor_type.shape.dim.add().dim_param = "M"  # rank 1
+    problems = lint_for_tensorrt(_if_model(_execute_unit(), flat, initializers=W), max_seq=64)
+    assert problems == ["unit0 (If): output 0 has rank 2 in then_branch and 1 in else_branch; TensorRT's "
+                        "IIfConditional needs equal ranks (broadcast or reshape one branch)"]
+
+    # a build-time constant condition: the parser imports the taken branch only, ranks may differ
+    const = [helper.make_tensor("c", TensorProto.BOOL, [], [True])]
+    assert lint_for_tensorrt(_if_model(_execute_unit(), flat, initializers=W + const), max_seq=64) == []
+
+    half = _branch("forecast", [helper.make_node("Cast", ["x"], ["e"], to=TensorProto.FLOAT16)], out="e",
+                   elem=TensorProto.FLOAT16)
+    problems = lint_for_tensorrt(_if_model(_execute_unit(), half, initializers=W), max_seq=64)
+    assert len(problems) == 1 and "different element types in the branches (FLOAT vs FLOAT16)" in problems[0]
+
+    same = _branch("forecast", [helper.make_node("Identity", ["x"], ["t"])], out="t")
+    problems = lint_for_tensorrt(_if_model(_execute_unit(), same, initializers=W), max_seq=64)
+    assert len(problems) == 1 and "is the tensor 't' in both branches" in problems[0]
+
+    double = [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["N", 8])]
+    as_double = [_branch(n, [helper.make_node("Cast", ["x"], [o], to=TensorProto.DOUBLE)], out=o,
+                         elem=TensorProto.DOUBLE) for n, o in (("a", "t"), ("b", "e"))]
+    problems = lint_for_tensorrt(_if_model(*as_double, outputs=double), max_seq=64)
+    assert len(problems) == 1 and "output 0 is DOUBLE; TensorRT's If carries FLOAT" in problems[0]
+
+
+def test_branches_with_different_output_counts_are_reported():
+    two = _branch("execute", [helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Relu", ["x"], ["t2"])])
+    two.output.append(helper.make_tensor_value_info("t2", TensorProto.FLOAT, ["N", 8]))
+    problems = lint_for_tensorrt(_if_model(two, _forecast_unit()), max_seq=64)
+    assert problems == ["unit0 (If): then_branch has 2 outputs, else_branch 1; TensorRT pairs them one to one"]
 
 
 def test_the_op_list_is_the_documented_one():

@@ -82,6 +82,9 @@ def compile_aot(op: str, dtype: str, *, block_d: int, target=None) -> AotKernel:
 
     ``target`` is a ``triton.backends.compiler.GPUTarget``; ``None`` compiles for the
     active GPU. With an explicit target this runs without a GPU (the tests use it).
+    ``triton.compile`` always runs its last stage too: the ptxas bundled in the triton
+    wheel assembles a cubin (unused: TensorRT takes the PTX), and that ptxas's version
+    sets the PTX ISA version.
     """
     if op not in _ENTRY:
         raise ValueError(f"op must be 'gather' or 'scatter', got {op!r}")
