@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "generate",
     "run": "run",
     "bench": "bench",
+    "lm-eval": "lm_eval",
 }
 
 

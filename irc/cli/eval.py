@@ -125,9 +125,7 @@ def _run_routed(args: argparse.Namespace) -> int:
     from irc.cli.common import emit_json, fmt_int, info
     from irc.data import load_corpus, token_stream
     from irc.errors import UserError
-    from irc.eval.routed import evaluate_routed, routed_budget
-    from irc.train.calibrate import calibrate_thresholds
-    from irc.train.windows import make_windows
+    from irc.eval.routed import evaluate_routed, recalibrate
 
     start = time.perf_counter()
     if args.sparsity is not None and args.flops_saved is not None:
@@ -139,21 +137,9 @@ def _run_routed(args: argparse.Namespace) -> int:
     if routed.arch.max_positions and args.seq_len > routed.arch.max_positions:
         raise UserError(f"--seq-len {args.seq_len} is longer than the model's {routed.arch.max_positions} positions; "
                         f"use --seq-len {routed.arch.max_positions} or less")
-    calibration = None
-    if args.sparsity is not None or args.flops_saved is not None:
-        held_in = token_stream(load_corpus(args.calib_data, default_split="train"), routed.tokenizer)
-        n = 4 * args.seq_len
-        if len(held_in) < n:
-            raise UserError(f"{args.calib_data} has too few tokens to calibrate ({len(held_in)} < {n})")
-        calib = make_windows(held_in[len(held_in) - n :], args.seq_len, 4)
-        if routed.plan.variant in ("mod", "static"):
-            if args.flops_saved is not None:
-                raise UserError(f"--flops-saved moves thresholds; a {routed.plan.variant} model's dial is --sparsity")
-        else:
-            budget = routed_budget(routed, sparsity=args.sparsity, flops_saved=args.flops_saved, seq_len=args.seq_len)
-            if not routed.units:
-                raise UserError(f"{args.model} has no dynamic units left (all folded): its compute is fixed")
-            calibration = calibrate_thresholds(routed, calib, budget=budget, show_progress=not args.json)
+    calibration = recalibrate(routed, sparsity=args.sparsity, flops_saved=args.flops_saved,
+                              calib_data=args.calib_data, seq_len=args.seq_len, name=args.model,
+                              show_progress=not args.json)
     training = routed.records.get("training", {})
     trained = training.get("sparsity")
     trained_flops = training.get("flops_saved")

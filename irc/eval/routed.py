@@ -75,3 +75,37 @@ def evaluate_routed(routed, tokens: np.ndarray, *, seq_len: int = 1024, stride: 
                                  show_progress=show_progress)
     achieved = achieved_sparsity(routed)
     return {**result.to_dict(), "sparsity": achieved, "flops_per_token": routed_flops(routed, seq_len)}
+
+
+def recalibrate(routed, *, sparsity: float | None = None, flops_saved: float | None = None,
+                calib_data: str = "wiki:train", seq_len: int = 1024, name: str = "this routed model",
+                show_progress: bool = True) -> dict | None:
+    """Move a routed model's dial (``irc eval --sparsity`` / ``--flops-saved``): recalibrate the
+    thresholds on the last 4 windows of ``calib_data`` (held-in). Returns the calibration record,
+    or None where there is nothing to calibrate (no dial, or a ``mod`` / ``static`` model, whose
+    dial is the capacity that ``inference_mode`` sets from ``sparsity``)."""
+    from irc.data import load_corpus, token_stream
+    from irc.errors import UserError
+    from irc.train.calibrate import calibrate_thresholds
+    from irc.train.windows import make_windows
+
+    if sparsity is not None and flops_saved is not None:
+        raise UserError("give one dial: --sparsity S or --flops-saved F, not both")
+    for flag, value in (("--sparsity", sparsity), ("--flops-saved", flops_saved)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise UserError(f"{flag} must be in [0, 1), got {value}")
+    if sparsity is None and flops_saved is None:
+        return None
+    held_in = token_stream(load_corpus(calib_data, default_split="train"), routed.tokenizer)
+    n = 4 * seq_len
+    if len(held_in) < n:
+        raise UserError(f"{calib_data} has too few tokens to calibrate ({len(held_in)} < {n})")
+    calib = make_windows(held_in[len(held_in) - n :], seq_len, 4)
+    if routed.plan.variant in ("mod", "static"):
+        if flops_saved is not None:
+            raise UserError(f"--flops-saved moves thresholds; a {routed.plan.variant} model's dial is --sparsity")
+        return None
+    budget = routed_budget(routed, sparsity=sparsity, flops_saved=flops_saved, seq_len=seq_len)
+    if not routed.units:
+        raise UserError(f"{name} has no dynamic units left (all folded): its compute is fixed")
+    return calibrate_thresholds(routed, calib, budget=budget, show_progress=show_progress)
