@@ -33,7 +33,8 @@ Why this is valid:
   a compacted past is replaced there by a stand-in of length P: a full-length
   layer's past, or, where every layer is compact, a zero-stride view of the
   right shape. The other inputs keep every check they had. (The module's input
-  pre-hook checks only the inputs' structure while ``_guards_fn`` exists.)
+  pre-hook checks only the inputs' structure while ``_guards_fn`` exists; where
+  torch has no ``_guards_fn``, the pre-hook checks shapes and is removed.)
 
 Layers with ``n_sink < 2`` stay full length: a sink cache of at most one slot
 would have a length export specialises (0 or 1), so the ONNX decode export could
@@ -132,7 +133,10 @@ def _past_length_from_mask(gm: GraphModule, size: Node, ids: Node, mask: Node) -
 def _point_guards_at_full_lengths(gm: GraphModule, placeholders: list[Node], slots: dict[int, int]) -> None:
     """Give export's guard function a full-length stand-in for every compacted past (see the module doc)."""
     guards = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"), None)
-    if guards is None:
+    if guards is None:  # older torch: the input pre-hook checks the shapes itself, against one shared P
+        for key, hook in list(gm._forward_pre_hooks.items()):
+            if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+                del gm._forward_pre_hooks[key]
         return
     pasts = placeholders[2:]
     full = [p for i, p in enumerate(pasts) if i not in slots]
