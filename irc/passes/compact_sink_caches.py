@@ -79,7 +79,7 @@ def compact_sink_caches(gm: GraphModule) -> PassResult:
             continue
         for node, axis in sources:
             for user in list(node.users):
-                if user.op == "call_function" and user.target == SYM_SIZE and user.args[1] == axis:
+                if user.op == "call_function" and user.target == SYM_SIZE and user.args[1] % _ndim(node) == axis:
                     _past_length_from_mask(gm, user, ids, mask)
             slots[pasts.index(node)] = unit.n_sink
         unit.compact = True
@@ -112,6 +112,11 @@ def _why_not(unit: FoldedUnit, call: Node, sources: list[tuple[Node, int]], past
                 continue  # a size read: the length axis is re-derived from the mask, the others do not change
             return f"{node.name} is also read by {user.name}"
     return None
+
+
+def _ndim(node: Node) -> int:
+    val = node.meta.get("val")
+    return val.dim() if isinstance(val, torch.Tensor) else 4  # [B, Hkv, P, hd]
 
 
 def _past_length_from_mask(gm: GraphModule, size: Node, ids: Node, mask: Node) -> None:
