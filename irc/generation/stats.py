@@ -5,8 +5,10 @@ FLOPs per decoded token, at the execute fractions achieved while decoding:
 A decode step of one token at context length C costs, per layer, the dense
 ``kv + query(C) + mlp`` (multiply-add = 2, as ``irc.eval.flops``); routed, every
 token pays the router and the kv path, executed tokens the query path and the
-MLP, approximated tokens the forecaster (``informed``). C is the mean context of
-the decode steps, ``prompt + (new − 1) / 2``.
+MLP, approximated tokens the forecaster (``informed``). Folded units have no router:
+a plain one costs what the dense unit does, a forecast-folded one the forecaster (a
+decoded token is past the sinks). C is the mean context of the decode steps,
+``prompt + (new − 1) / 2``.
 
 KV-cache bytes per token of context (``kv_cache_bytes``): a layer whose cache grows
 with the context costs keys and values, ``2 · Hkv · hd · bytes`` per token; a
@@ -24,12 +26,18 @@ def decode_flops(arch, plan, fractions: dict[str, float | None], context: float)
     D = arch.hidden
     head = float(arch.head_flops())
     dense = routed = head
+    folded = dict(plan.folded or ())
     for layer in range(arch.n_layers):
         for kind in ("attn", "mlp"):
             body_dense = (arch.attention_kv_flops() + arch.attention_query_flops(context)
                           if kind == "attn" else float(arch.mlp_flops()))
             dense += body_dense
             name = f"layer{layer}_{kind}"
+            how = folded.get(name)
+            if how is not None:  # no router; a decoded token is past the sinks: the forecaster only
+                routed += body_dense if how == "plain" else (
+                    forecaster_flops(D, plan.lff_rank) if plan.variant == "informed" else 0.0)
+                continue
             if name not in fractions:  # not routed
                 routed += body_dense
                 continue
