@@ -193,7 +193,7 @@ def _name_axes(path: Path) -> None:
 
     model = onnx.load(str(path), load_external_data=False)
     dims = model.graph.input[0].type.tensor_type.shape.dim
-    names = {d.dim_param: new for d, new in zip(dims, ("batch", "seq")) if d.dim_param}
+    names = {d.dim_param: new for d, new in zip(dims, ("batch", "seq"), strict=False) if d.dim_param}
     if not names:
         return
     symbol = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")

@@ -73,7 +73,7 @@ def generate(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    config: GenerationConfig = GenerationConfig(),
+    config: GenerationConfig | None = None,
     *,
     eos_token_ids: tuple[int, ...] | None = None,
     on_token: Callable[[int, torch.Tensor], None] | None = None,
@@ -83,6 +83,7 @@ def generate(
     ``on_token(step, tokens [B])`` is called with every new token of every row
     (streaming). ``eos_token_ids`` default to the model's tokenizer's.
     """
+    config = config or GenerationConfig()
     stepper = stepper_for(model)
     B = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
