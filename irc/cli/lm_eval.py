@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         if limit <= 0:
             raise UserError(f"--limit must be positive, got {limit}")
         limit = int(limit) if limit >= 1 else limit
+    _check_model(args.model)
     if args.output:
         from irc.cache import check_output
 
@@ -141,6 +142,24 @@ def _evaluate(args: argparse.Namespace, tasks: list[str], limit, include: str) -
         info(f"results     {Path(args.output) / 'results.json'}")
     info(f"PASSED lm-eval {facts['seconds']:.1f}s {_headline(results)} model={args.model}")
     return 0
+
+
+def _check_model(model: str) -> None:
+    """A missing model is reported before lm-eval indexes its tasks (seconds)."""
+    from pathlib import Path
+
+    from irc.errors import UserError
+    from irc.routing import is_routed_dir
+
+    if is_routed_dir(model):
+        return
+    if model.endswith(".onnx"):
+        if not Path(model).is_file():
+            raise UserError(f"no such ONNX file: {model}")
+        return
+    from irc.models.sources import resolve_source
+
+    resolve_source(model)
 
 
 def _table(results: dict) -> str:
