@@ -110,3 +110,14 @@ def test_tiny_loaded_is_served_directly():
 
     lm = IrcLM(tiny_loaded("llama"), max_length=32)
     assert lm.kind == "base" and lm.facts()["routed"] is False
+
+
+@pytest.mark.slow
+def test_lm_eval_on_smollm2_lastword(capsys):
+    """The real model on the real held-out wiki passages (5 of them: about a minute)."""
+    pytest.importorskip("lm_eval", reason="needs the irc[eval] extra: pip install -e '.[eval]'")
+    assert main(["lm-eval", "smollm2-135m", "--tasks", "irc_lastword", "--limit", "5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    lastword = result["results"]["irc_lastword"]
+    assert lastword["sample_len"] == 5 and 0 <= lastword["acc,none"] <= 1
+    assert 1 < lastword["perplexity,none"] < 1e6  # a trained model: far below the vocabulary's 49,152 per token
