@@ -65,8 +65,11 @@ class IrcLM(TemplateLM):
                  max_length: int | str | None = None, sparsity: float | str | None = None,
                  flops_saved: float | str | None = None, calib_data: str = "wiki:train",
                  max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS, device: str | None = None,
-                 max_batch_size: int | None = None, **unused) -> None:
+                 max_batch_size: int | None = None, **unknown) -> None:
         super().__init__()
+        if unknown:
+            raise UserError(f"unknown irc model argument(s): {', '.join(sorted(unknown))}; expected pretrained, "
+                            "dtype, batch_size, max_length, sparsity, flops_saved, calib_data, max_gen_toks")
         if pretrained is None:
             raise UserError("the irc backend needs pretrained=MODEL (a routed directory, a Hugging Face "
                             "directory, a .gguf file, an .onnx file or smollm2-135m)")
@@ -115,8 +118,10 @@ class IrcLM(TemplateLM):
         if kind == "routed":
             from irc.eval.routed import inference_mode, recalibrate
 
-            self.calibration = recalibrate(model, **self.requested, calib_data=calib_data, name=str(pretrained),
-                                           show_progress=False)
+            # irc eval's default calibration windows (1024), shortened for a model with fewer positions
+            seq_len = min(1024, model.arch.max_positions or 1024)
+            self.calibration = recalibrate(model, **self.requested, calib_data=calib_data, seq_len=seq_len,
+                                           name=str(pretrained), show_progress=False)
             inference_mode(model, self.requested["sparsity"])
             model.reset_stats()
         return kind, model
