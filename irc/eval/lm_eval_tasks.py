@@ -12,7 +12,7 @@ as JSONL under its cache (``lm-eval/``, atomically, keyed by the corpus's
 fingerprint) and the YAMLs, with absolute ``data_files`` (the harness resolves
 relative ones against the working directory), into a temporary include
 directory for lm-eval's ``TaskManager``. Any other task name passes through to
-lm-eval. For irc's own tasks ``HF_DATASETS_OFFLINE`` and ``HF_HUB_OFFLINE`` are set.
+lm-eval. When every task is irc's own, ``HF_DATASETS_OFFLINE`` and ``HF_HUB_OFFLINE`` are set.
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ def build_tasks(tasks: list[str], include_dir: Path, *, corpus: str = "wiki:held
         names.append(name)
         own.append(name)
         files[name] = str(data)
-    if own:
-        # the json builder reads local files; nothing of irc's own tasks needs the network
+    if own and len(own) == len(names):
+        # the json builder reads local files: irc's own tasks need no network. A task passed
+        # through to lm-eval may need a download, so with one of those the variables are left alone.
         os.environ["HF_DATASETS_OFFLINE"] = "1"
         os.environ["HF_HUB_OFFLINE"] = "1"
     return BuiltTasks(names=names, own=own, files=files, corpus=corpus if documents is not None else "")

@@ -32,8 +32,10 @@ def mc_file(tmp_path):
     return path
 
 
-def test_lm_eval_on_a_tiny_model(tiny_dirs, corpus, mc_file, tmp_path, capsys):
+def test_lm_eval_on_a_tiny_model(tiny_dirs, corpus, mc_file, tmp_path, capsys, monkeypatch):
     pytest.importorskip("lm_eval", reason="needs the irc[eval] extra: pip install -e '.[eval]'")
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # restored after the test
+        monkeypatch.delenv(name, raising=False)
     out = tmp_path / "out"
     rc = main(["lm-eval", str(tiny_dirs["llama"]), "--tasks", f"irc_wiki_rolling,irc_lastword,mc:{mc_file}",
                "--data", str(corpus), "--limit", "3", "--dtype", "fp32", "--batch-size", "2",

@@ -27,12 +27,17 @@ def test_no_passage_from_short_paragraphs():
     assert lastword_passages(SENTENCE + "\n" + SENTENCE) == []
 
 
-def test_build_writes_absolute_data_files(tmp_path):
+def test_build_writes_absolute_data_files(tmp_path, monkeypatch):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(json.dumps({"text": " ".join([SENTENCE] * 5)}) + "\n")
     include = tmp_path / "include"
     include.mkdir()
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # restored after the test
+        monkeypatch.delenv(name, raising=False)
     built = build_tasks(["irc_wiki_rolling", "irc_lastword", "hellaswag"], include, corpus=str(corpus))
+    import os
+
+    assert "HF_DATASETS_OFFLINE" not in os.environ  # hellaswag may need a download
     assert built.names == ["irc_wiki_rolling", "irc_lastword", "hellaswag"]  # others pass through
     assert built.own == ["irc_wiki_rolling", "irc_lastword"]
     for name in built.own:
@@ -41,9 +46,10 @@ def test_build_writes_absolute_data_files(tmp_path):
         assert json.dumps(built.files[name]) in yaml and built.files[name].startswith("/")
     rows = [json.loads(line) for line in open(built.files["irc_lastword"])]
     assert len(rows) == 1 and rows[0]["text"].endswith("London")
-    # built once: the cached file is reused
+    # built once: the cached file is reused; irc's own tasks alone go offline
     again = build_tasks(["irc_lastword"], include, corpus=str(corpus))
     assert again.files == {"irc_lastword": built.files["irc_lastword"]}
+    assert os.environ["HF_DATASETS_OFFLINE"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 @pytest.mark.parametrize("line, message", [
