@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 
@@ -69,7 +70,15 @@ def main(argv: list[str] | None = None) -> int:
 _RESUME_HINT = {"convert": " (the stage checkpoints are kept: run the same command with --resume to continue)"}
 
 
+_MAIN_PID = os.getpid()
+
+
 def _interrupt(signum, frame):
+    if os.getpid() != _MAIN_PID:
+        # a forked worker inherited the handler (lm-eval's bootstrap pool, terminated with SIGTERM):
+        # it ends as SIGTERM asks, without a KeyboardInterrupt traceback of its own
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
     raise KeyboardInterrupt
 
 

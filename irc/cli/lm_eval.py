@@ -176,13 +176,14 @@ def _table(results: dict) -> str:
 
 
 def _headline(results: dict) -> str:
-    """One number per task for the verdict line: its first metric."""
+    """One number per task for the verdict line: accuracy, else word perplexity, else its first metric."""
     parts = []
     for task, metrics in results.get("results", {}).items():
-        for key, value in metrics.items():
-            if "," in key and "stderr" not in key and isinstance(value, (int, float)):
-                parts.append(f"{task}:{key.split(',')[0]}={value:.4g}")
-                break
+        values = {k.split(",")[0]: v for k, v in metrics.items()
+                  if "," in k and "stderr" not in k and isinstance(v, (int, float))}
+        name = next((m for m in ("acc", "word_perplexity") if m in values), next(iter(values), None))
+        if name is not None:
+            parts.append(f"{task}:{name}={values[name]:.4g}")
     facts = results.get("irc", {})
     if facts.get("achieved_sparsity") is not None:
         parts.append(f"sparsity={facts['achieved_sparsity']:.3f} flops_saved={facts['flops_saved']:.3f}")
