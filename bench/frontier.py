@@ -151,7 +151,8 @@ def _entry(method: str, budget: float, preset: str, summary: dict) -> dict:
             "flops_saved": ev["flops_per_token"]["saved"], "unit_sparsity": ev["sparsity"]["overall"],
             "sparsity_by_kind": ev["sparsity"]["by_kind"], "routers": ev.get("routers"),
             "folded": len(fold.get("folded", {})) if fold else 0,
-            "seconds": summary["training"]["total_seconds"], "config": summary["training"]["config"]}
+            # the stages' own times: a resumed convert's wall time counts only what it ran
+            "seconds": round(sum(summary["training"]["seconds"].values()), 1), "config": summary["training"]["config"]}
 
 
 def run_convert(method: str, budget: float, preset: str, out_dir: Path) -> dict:
