@@ -119,7 +119,7 @@ def plot(path: Path, rows: list[dict], dense: float | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(11, 5), dpi=120)
     if dense:
         ax.axhline(dense, color="black", lw=1, label=f"dense ({dense:.2f})")
     for method in STYLE:
@@ -136,7 +136,7 @@ def plot(path: Path, rows: list[dict], dense: float | None) -> None:
     ax.set_ylabel("perplexity, wiki held-out (log)")
     ax.set_title("SmolLM2-135M: quality vs compute")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
