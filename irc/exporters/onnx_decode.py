@@ -12,10 +12,13 @@ with P = 0 for the prompt (prompts shorter than 4 tokens left-padded, as
 min(n_sink, P+T) positions, a dynamic axis of its own (at most n_sink), and the
 manifest's ``cache.sink_slots`` names those tensors. Routing in the file:
 
-- ``threshold``: every unit decides per token exactly as in PyTorch, computed
-  branch-free (the unit and the forecaster run on every new token, the decision
-  selects): the same tokens as PyTorch, none of the speed. Skipping work inside
-  ONNX needs the data-dependent sparse path (issue #5) or an ``If`` per unit.
+- ``threshold``: every unit decides per token exactly as in PyTorch. With
+  ``branches`` (the default) the work sits behind ``If`` nodes on the decision
+  (``irc.nn.decode_branches``): an approximated token runs the forecaster only,
+  an executed one the unit only (batch 1), executed rows are gathered (batch > 1),
+  and a forecast-folded unit's sink-slot work runs only on steps with a new sink.
+  ``branches=False``: branch-free (the unit and the forecaster run on every new
+  token, the decision selects): the same tokens, none of the speed.
 - ``dense``: every unit runs (the base model with a KV cache).
 
 ``portable`` profile (standard ONNX ops), fp32. The export is not done until
@@ -42,6 +45,7 @@ from torch.export import Dim
 from irc import __version__
 from irc.errors import UserError
 from irc.exporters.onnx import FP32_ATOL, _translations
+from irc.passes.route_decoder_blocks import folded_modules
 
 ROUTINGS = ("threshold", "dense")
 FILE = "decode.onnx"
@@ -55,6 +59,8 @@ class OnnxDecodeConfig:
     max_batch: int = 64
     atol: float = FP32_ATOL
     verify_tokens: int = 8
+    # threshold routing behind ONNX If nodes (torch.cond, irc.nn.decode_branches); False: branch-free
+    branches: bool = True
 
     def __post_init__(self):
         if self.routing not in ROUTINGS:
@@ -81,13 +87,49 @@ def _names(n_cache: int) -> tuple[list[str], list[str]]:
     return past, present
 
 
-def _routing(decoder, routing: str) -> None:
-    """The decode units in the export's routing: branch-free, no counters."""
+def _routing(decoder, routing: str, branches: bool) -> None:
+    """The decode units in the export's routing, no counters: behind ``If`` nodes, or branch-free."""
     for unit in decoder.units.values():
         unit.mode = routing
         unit.sparse = False
+        unit.branches = branches
         unit.record = False
         unit.keep = None
+    for unit in folded_modules(decoder.gm).values():
+        unit.branches = branches
+
+
+def _unbranch(decoder) -> None:
+    for unit in [*decoder.units.values(), *folded_modules(decoder.gm).values()]:
+        unit.branches = False
+
+
+_ASSERTS = ("aten._assert_scalar.default", "aten._assert_async.msg", "aten.sym_constrain_range_for_size.default")
+
+
+def _drop_shape_asserts(ep) -> None:
+    """Remove the runtime shape asserts of a program with ``torch.cond`` branches (ONNX keeps none anyway).
+
+    Dynamo traces each branch with fresh sizes for its operands and records the shape checks it
+    meets there as asserts that hold for the export's example only (e.g. "past length != 0", from
+    P = 5): the ONNX exporter re-runs them on its fake inputs and fails. The branch graphs are
+    fixed ATen ops, so those checks chose no code path; ``verify_decode`` runs the file at P = 0.
+    """
+    root = ep.graph_module
+    for gm in root.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and str(node.target) in _ASSERTS:
+                gm.graph.erase_node(node)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    for node in root.graph.nodes:  # the same asserts, kept by the shape environment for re-tracing
+        val = node.meta.get("val")
+        shape_env = getattr(getattr(val, "fake_mode", None), "shape_env", None)
+        if shape_env is not None:
+            shape_env.deferred_runtime_asserts.clear()
+            break
 
 
 def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDecodeConfig(), *, log=print) -> dict:
@@ -101,7 +143,7 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
                         "extra cache state); export a kv_policy='keep' model")
     out_dir = Path(out_dir)
     decoder = decoder_for(routed)
-    _routing(decoder, config.routing)
+    _routing(decoder, config.routing, config.branches)
     n_cache = len(decoder.empty_cache(1))
     slots = decoder.cache_slots()  # per cache tensor: n_sink where it keeps the sinks only, else None
     past_names, present_names = _names(n_cache)
@@ -121,6 +163,8 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
         with torch.no_grad():
             ep = torch.export.export(_Step(decoder.gm), (ids, mask, *past), dynamic_shapes=dynamic, strict=False,
                                      prefer_deferred_runtime_asserts_over_guards=True)
+        if config.branches:
+            _drop_shape_asserts(ep)
         log(f"captured the routed decode step in {time.perf_counter() - start:.1f}s")
         start = time.perf_counter()
         program = torch.onnx.export(ep, dynamo=True, custom_translation_table=_translations(config.profile),
@@ -129,6 +173,7 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
                                     output_names=["logits", *present_names])
         log(f"lowered to ONNX opset {config.opset} in {time.perf_counter() - start:.1f}s")
     finally:
+        _unbranch(decoder)
         decoder.sync()  # back to the prefill units' settings
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".decode.tmp-", dir=out_dir))
@@ -279,7 +324,8 @@ def load_or_export_decode(routed, onnx_dir: str | Path | None, config: OnnxDecod
     manifest = onnx_dir / f"{FILE}.json"
     if manifest.is_file():
         m = json.loads(manifest.read_text())
-        if m.get("routing_sha256") == digest and m.get("routing") == config.routing:
+        if (m.get("routing_sha256") == digest and m.get("routing") == config.routing
+                and m.get("config", {}).get("branches", False) == config.branches):
             log(f"onnx        reusing {onnx_dir / FILE} (verified at export)")
             return OrtDecoder(onnx_dir)
     log(f"onnx        exporting the decode step to {onnx_dir / FILE} (once)")

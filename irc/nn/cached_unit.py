@@ -27,6 +27,10 @@ number of ops, not their size. A one-token step of several rows where some rows
 execute runs the unit on every row and blends: a unit's weights are read once
 whether it runs for one row or for B, so gathers would cost more than they save.
 
+``branches`` (set by the ONNX decode export): threshold routing behind
+``torch.cond`` instead of Python branches, so the exported graph holds ``If``
+nodes that skip the work (``irc.nn.decode_branches``).
+
 The routers, forecasters and thresholds are the prefill units' own modules and
 tensors (``irc.generation.decoder`` ties them), so there is one set of weights.
 
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from irc.nn.decode_branches import routed_step
 from irc.nn.routed_unit import RoutedUnit
 from irc.nn.tokens import row_layout, sink_mask
 from irc.ops import token_gather
@@ -62,6 +67,8 @@ class CachedRoutedUnit(RoutedUnit):
         # kv_policy="drop": which past tokens are keys of this layer, [B, P] (None: all of them)
         self.keep: torch.Tensor | None = None
         self.step_hint: StepHint | None = None  # set by the decoder around each batch-1 step
+        # threshold routing behind torch.cond (ONNX If) rather than Python branches: the ONNX decode export
+        self.branches = False
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *extras):
         hint = self.step_hint
@@ -83,6 +90,8 @@ class CachedRoutedUnit(RoutedUnit):
         execute = self._decide(logits, pad, sinks)  # [B, T] bool
         self._count(execute, pad)
         keep = self._step_keep(execute, pad, full)
+        if self.branches and self.mode == "threshold" and keep is None:
+            return routed_step(self, a, extras, execute, pad)
         if not self.sparse:  # dense compute, then blend: branch-free (what ONNX export traces)
             approx = self._approximate(a, pad & ~execute)
             out = self.body(*self._args(self.body_roles, a, extras, keep=keep))

@@ -27,9 +27,11 @@ past sinks too. The cache has one of two layouts:
   The keys' positions in the attention mask are looked up from the mask.
 
 In eager decoding a step with no new sink runs no part of the unit but the norm
-and the forecaster (a sink-slot cache is returned as it came); an exported graph
-cannot branch, so it runs the S = min(n_sink, T) slots every step and discards
-them (at T = 1: one token's unit, the price of a branch-free decode graph).
+and the forecaster (a sink-slot cache is returned as it came). A traced graph
+runs the S = min(n_sink, T) slots every step and discards them (at T = 1: one
+token's unit, the price of a branch-free decode graph), unless ``branches`` is
+set: the sink-slot work then sits behind ``torch.cond`` on "any new sink"
+(an ONNX ``If``, ``irc.nn.decode_branches``).
 
 A folded unit is a compile-time specialisation: it ignores the routing mode
 (``set_routing`` only sets its ``record`` flag) and its ``threshold`` buffer. Its
@@ -44,6 +46,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
+from irc.nn.decode_branches import folded_step
 from irc.nn.forecaster import Forecaster
 from irc.nn.routing_state import RoutingState
 from irc.nn.tokens import ArgRole, gather_rows, restrict_keys, sink_mask, subset_args
@@ -93,6 +96,7 @@ class FoldedUnit(RoutingState):
         self.cache = cache
         self.step_hint = None  # irc.nn.cached_unit.StepHint, set by the decoder around batch-1 steps
         self.compact = False  # decode graphs: the cache holds the sink slots only (compact_sink_caches)
+        self.branches = False  # traced: the sink-slot work behind torch.cond (ONNX If), irc.nn.decode_branches
         self.mode = "folded"
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *extras):
@@ -115,6 +119,8 @@ class FoldedUnit(RoutingState):
         out = self._forecast(a, pad & ~sinks)  # [B, T, D]
         if self.n_sink == 0 or (self._eager() and not bool(sinks.any())):
             return self._with_cache(out, self._cache_without_sinks(extras, P + T, T))
+        if self.branches and not self._eager():
+            return folded_step(self, a, out, full, sinks, extras)
         return self._sinks(a, out, full, sinks, extras)
 
     def _one_token(self, a, extras, hint):
@@ -224,7 +230,14 @@ class FoldedUnit(RoutingState):
         for source, axis in self.cache:
             past = extras[source]
             shape = list(past.shape)
-            shape[axis] = min(self.n_sink, context) - past.shape[axis] if self.compact else T  # eager if compact
+            if not self.compact:
+                shape[axis] = T
+            elif self._eager():
+                shape[axis] = min(self.n_sink, context) - past.shape[axis]
+            else:  # traced (behind an If): N = min(n_sink, P+T) slots, the past's then zeros, by shape alone
+                shape[axis] = torch.sym_min(self.n_sink, context)
+                cache.append(torch.cat([past, past.new_zeros(shape)], dim=axis).narrow(axis, 0, shape[axis]).contiguous())
+                continue
             cache.append(past if self.compact and shape[axis] == 0 else
                          torch.cat([past, past.new_zeros(shape)], dim=axis))
         return tuple(cache)

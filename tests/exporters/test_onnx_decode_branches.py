@@ -1,0 +1,143 @@
+"""ONNX decode export with ``If`` branches (``irc.nn.decode_branches``), against PyTorch and ORT's profiler.
+
+A tiny llama with dynamic units (layer0_attn, layer1_mlp) and forecast-folded ones
+(layer1_attn with a sink-slot cache, layer0_mlp): ORT generates PyTorch's tokens
+on a batch-1 prompt and on a left-padded batch; with every threshold forced to
++inf (all non-sinks approximated) / -inf (all executed), ORT's profile of one
+decode step past the sinks lists no node of the skipped branch: an approximated
+token runs no node of its unit's execute branch (none of its MatMuls), and the
+folded attention runs no sink-slot node.
+"""
+
+import json
+import math
+import re
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from routed_helpers import tiny_routed
+
+from irc.exporters.onnx_decode import FILE, OnnxDecodeConfig, OrtDecoder, export_decode
+from irc.exporters.trt_lint import lint_for_tensorrt
+from irc.generation import GenerationConfig, generate, left_pad
+from irc.plan import RoutingPlan
+
+N_SINK = 4
+FOLDS = {"layer1_attn": "forecast", "layer0_mlp": "forecast"}  # layer0_attn, layer1_mlp route
+QUIET = {"log": lambda _: None}
+
+
+def _model(theta: float | None = None):
+    _, routed = tiny_routed("llama", RoutingPlan(lff_rank=16, n_sink=N_SINK))
+    routed.fold(FOLDS)
+    routed.set_routing("threshold")
+    if theta is not None:
+        for unit in routed.units.values():
+            unit.threshold.fill_(theta)
+    return routed
+
+
+def _branches(graph: onnx.GraphProto) -> dict[str, onnx.GraphProto]:
+    return {a.name: a.g for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+
+
+def _node_names(graph: onnx.GraphProto, ops: tuple[str, ...] = ()) -> set[str]:
+    """Names of the nodes of ``graph`` and its branches (of op types ``ops`` only, if given)."""
+    names = set()
+    for node in graph.node:
+        if not ops or node.op_type in ops:
+            names.add(node.name)
+        for sub in _branches(onnx.GraphProto(node=[node])).values():
+            names |= _node_names(sub, ops)
+    return names
+
+
+def _top_level_ifs(model: onnx.ModelProto):
+    """(routed, folded) top-level If nodes: a routed unit's execute branch nests the all/mixed If."""
+    routed, folded = [], []
+    for node in model.graph.node:
+        if node.op_type == "If":
+            then = next(a.g for a in node.attribute if a.name == "then_branch")
+            (routed if any(n.op_type == "If" for n in then.node) else folded).append(node)
+    return routed, folded
+
+
+def test_branches_generate_torch_tokens(tmp_path):
+    routed = _model()
+    manifest = export_decode(routed, tmp_path, OnnxDecodeConfig(), **QUIET)
+    assert manifest["config"]["branches"] and manifest["verification"]["passed"]
+    model = onnx.load(str(tmp_path / FILE), load_external_data=False)
+    dynamic, folded = _top_level_ifs(model)
+    assert (len(dynamic), len(folded)) == (2, 2)
+    ort_decoder = OrtDecoder(tmp_path)
+    greedy = GenerationConfig(max_new_tokens=10, stop_at_eos=False)
+    g = torch.Generator().manual_seed(5)
+    one = torch.randint(3, 300, (1, 7), generator=g)
+    rows = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (2, 9, 6)]  # row 0: 2 real < n_sink
+    for ids, mask in [(one, torch.ones_like(one)), left_pad(rows, pad_id=2)]:
+        want = generate(routed, ids, mask, greedy)
+        assert generate(ort_decoder, ids, mask, greedy).tokens == want.tokens
+        assert 0.0 < want.execute_fraction < 1.0  # the decisions went both ways
+    # TensorRT: the If nodes pass (bool scalar condition, equal ranks and types per output)
+    problems = lint_for_tensorrt(model, max_seq=2048)
+    assert not [p for p in problems if re.search(r"\(If\): ", p)], problems
+
+
+def _profiled_step(path, tmp_path, batch: int) -> set[str]:
+    """Names of the nodes ORT ran in one decode step after 6 real tokens per row (past the sinks)."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    _unique_names(model.graph, "")
+    unique = tmp_path / "unique.onnx"
+    onnx.save(model, str(unique))
+    decoder = OrtDecoder(path)
+    ids = torch.randint(3, 300, (batch, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    _, past = decoder.step(ids, mask, decoder.empty_cache(batch))
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / f"profile{batch}")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the node names
+    session = ort.InferenceSession(str(unique), options, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.full((batch, 1), 7, np.int64), "attention_mask": np.ones((batch, 7), np.int64)}
+    feeds.update(zip(decoder.cache_names, past, strict=True))
+    session.run(None, feeds)
+    events = json.loads(open(session.end_profiling()).read())
+    return {e["name"].removesuffix("_kernel_time") for e in events
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
+
+
+def _unique_names(graph: onnx.GraphProto, prefix: str) -> None:
+    for i, node in enumerate(graph.node):
+        node.name = f"{prefix}{i}_{node.name}"
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _unique_names(a.g, f"{node.name}/{a.name}/")
+
+
+@pytest.mark.parametrize("theta", [math.inf, -math.inf])
+def test_ort_runs_only_the_taken_branch(theta, tmp_path):
+    export_decode(_model(theta), tmp_path / "decode", OnnxDecodeConfig(verify_tokens=2), **QUIET)
+    model = onnx.load(str(tmp_path / "decode" / FILE), load_external_data=False)
+    _unique_names(model.graph, "")
+    dynamic, folded = _top_level_ifs(model)
+    for batch in (1, 2):  # at B = 2 every row decides alike: all approximated (nothing runs) / all executed
+        ran = _profiled_step(tmp_path / "decode" / FILE, tmp_path, batch)
+        assert {n.name for n in dynamic + folded} <= ran  # every If ran (its condition evaluated)
+        for node in dynamic:
+            branches = _branches(onnx.GraphProto(node=[node]))
+            execute, approximate = _node_names(branches["then_branch"]), _node_names(branches["else_branch"])
+            matmuls = _node_names(branches["then_branch"], ("MatMul", "Gemm"))
+            inner = next(n for n in branches["then_branch"].node if n.op_type == "If")
+            gathered = _node_names(_branches(onnx.GraphProto(node=[inner]))["else_branch"])
+            assert matmuls and gathered  # the unit's projections sit in the execute branch
+            if theta == math.inf:  # approximated: the forecaster ran, none of the unit's nodes
+                assert not execute & ran and approximate <= ran
+            else:  # executed: the unit as captured, no gathers, no forecaster
+                assert matmuls & ran and not gathered & ran and not approximate & ran
+        for node in folded:  # no new sink: no sink-slot node, whatever the thresholds
+            then = _node_names(_branches(onnx.GraphProto(node=[node]))["then_branch"])
+            assert not then & ran
