@@ -1,8 +1,9 @@
 """ONNX decode export (past/present KV, portable profile) on tiny models, against PyTorch.
 
 ONNX Runtime generation equals PyTorch generation token for token (greedy), for
-threshold routing (the file routes branch-free, PyTorch through the sparse
-path: the same decisions) and dense; the export verifies this itself.
+threshold routing (the file routes behind If nodes, PyTorch through the sparse
+path: the same decisions) and dense; the export verifies this itself. The
+branches themselves: test_onnx_decode_branches.py.
 """
 
 import json

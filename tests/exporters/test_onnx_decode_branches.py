@@ -141,3 +141,11 @@ def test_ort_runs_only_the_taken_branch(theta, tmp_path):
         for node in folded:  # no new sink: no sink-slot node, whatever the thresholds
             then = _node_names(_branches(onnx.GraphProto(node=[node]))["then_branch"])
             assert not then & ran
+
+
+def test_branch_free_export_stays_available(tmp_path):
+    routed = _model()
+    manifest = export_decode(routed, tmp_path, OnnxDecodeConfig(branches=False), **QUIET)
+    assert manifest["verification"]["passed"] and not manifest["config"]["branches"]
+    model = onnx.load(str(tmp_path / FILE), load_external_data=False)
+    assert not [n for n in model.graph.node if n.op_type == "If"]
