@@ -6,7 +6,8 @@ on a batch-1 prompt and on a left-padded batch; with every threshold forced to
 +inf (all non-sinks approximated) / -inf (all executed), ORT's profile of one
 decode step past the sinks lists no node of the skipped branch: an approximated
 token runs no node of its unit's execute branch (none of its MatMuls), and the
-folded attention runs no sink-slot node.
+folded attention runs no sink-slot node. On a batch, each dynamic unit's gathered
+branch (rows / tokens through NonZero) runs in ORT.
 """
 
 import json
@@ -80,34 +81,51 @@ def test_branches_generate_torch_tokens(tmp_path):
         want = generate(routed, ids, mask, greedy)
         assert generate(ort_decoder, ids, mask, greedy).tokens == want.tokens
         assert 0.0 < want.execute_fraction < 1.0  # the decisions went both ways
+    # batch > 1: ORT ran each dynamic unit's gathered branch (NonZero over the executed tokens or rows)
+    ort_decoder.session = _profiled_session(tmp_path / FILE, tmp_path, "batch")
+    assert generate(ort_decoder, ids, mask, greedy).tokens == want.tokens
+    ran = _ran(ort_decoder.session)
+    _unique_names(model.graph, "")
+    for node in _top_level_ifs(model)[0]:
+        inner = next(n for n in _branches(onnx.GraphProto(node=[node]))["then_branch"].node if n.op_type == "If")
+        assert _node_names(_branches(onnx.GraphProto(node=[inner]))["else_branch"], ("NonZero",)) & ran
     # TensorRT: the If nodes pass (bool scalar condition, equal ranks and types per output)
     problems = lint_for_tensorrt(model, max_seq=2048)
     assert not [p for p in problems if re.search(r"\(If\): ", p)], problems
 
 
-def _profiled_step(path, tmp_path, batch: int) -> set[str]:
-    """Names of the nodes ORT ran in one decode step after 6 real tokens per row (past the sinks)."""
+def _profiled_session(path, tmp_path, name: str):
+    """An ORT session of ``path`` with unique node names (path-prefixed) that profiles every node it runs."""
     import onnxruntime as ort
 
     model = onnx.load(str(path))
     _unique_names(model.graph, "")
-    unique = tmp_path / "unique.onnx"
+    unique = tmp_path / f"{name}.onnx"
     onnx.save(model, str(unique))
-    decoder = OrtDecoder(path)
-    ids = torch.randint(3, 300, (batch, 6), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    _, past = decoder.step(ids, mask, decoder.empty_cache(batch))
     options = ort.SessionOptions()
     options.enable_profiling = True
-    options.profile_file_prefix = str(tmp_path / f"profile{batch}")
+    options.profile_file_prefix = str(tmp_path / f"profile-{name}")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the node names
-    session = ort.InferenceSession(str(unique), options, providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": np.full((batch, 1), 7, np.int64), "attention_mask": np.ones((batch, 7), np.int64)}
-    feeds.update(zip(decoder.cache_names, past, strict=True))
-    session.run(None, feeds)
+    return ort.InferenceSession(str(unique), options, providers=["CPUExecutionProvider"])
+
+
+def _ran(session) -> set[str]:
+    """Names of the nodes the session ran, from its profile."""
     events = json.loads(open(session.end_profiling()).read())
     return {e["name"].removesuffix("_kernel_time") for e in events
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
+
+
+def _profiled_step(path, tmp_path, batch: int) -> set[str]:
+    """Names of the nodes ORT ran in one decode step after 6 real tokens per row (past the sinks)."""
+    decoder = OrtDecoder(path)
+    ids = torch.randint(3, 300, (batch, 6), generator=torch.Generator().manual_seed(0))
+    _, past = decoder.step(ids, torch.ones_like(ids), decoder.empty_cache(batch))
+    session = _profiled_session(path, tmp_path, f"step{batch}")
+    feeds = {"input_ids": np.full((batch, 1), 7, np.int64), "attention_mask": np.ones((batch, 7), np.int64)}
+    feeds.update(zip(decoder.cache_names, past, strict=True))
+    session.run(None, feeds)
+    return _ran(session)
 
 
 def _unique_names(graph: onnx.GraphProto, prefix: str) -> None:
