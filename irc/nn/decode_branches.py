@@ -27,12 +27,18 @@ FLOPs scale with them; a prompt (T > 1) runs every token of such a row.
 
 Why ``torch.cond`` rather than ``If`` nodes spliced into the ONNX graph after
 export: with torch 2.13 / onnxscript 0.7 ``torch.export`` traces it (closures
-over parameters and intermediate tensors are lifted to operands), the dynamo
-ONNX exporter lowers it to ``If`` with inlined subgraphs that read outer-scope
-values by name, nested ``cond`` and data-dependent shapes (``nonzero``) inside a
-branch included, and the same module code runs eagerly in PyTorch, so the
-branches are tested against the sparse path without ONNX. Splicing would need a
-second export per unit and hand-renaming of values across graph boundaries.
+over parameters are lifted to operands), the dynamo ONNX exporter lowers it to
+``If`` with inlined subgraphs that read outer-scope values by name, nested
+``cond`` and data-dependent shapes (``nonzero``) inside a branch included, and
+the same module code runs eagerly in PyTorch, so the branches are tested against
+the sparse path without ONNX. Splicing would need a second export per unit and
+hand-renaming of values across graph boundaries. Two costs, both handled here or
+in the exporter: operands must be tensors and a branch may not close over a
+SymInt (sizes are re-derived inside, ``_extras_back``); dynamo traces a branch
+with fresh sizes and records example-only shape asserts, which
+``irc.exporters.onnx_decode`` drops before lowering. Calling the ``cond``
+operator directly (make_fx tracing, no dynamo) avoids the asserts but fails in
+the ONNX exporter's functionalisation when a branch reads a parameter.
 
 Legend: B batch, T new tokens, R rows with an executed token, K executed tokens, D hidden.
 """
@@ -52,29 +58,28 @@ def routed_step(unit, a: torch.Tensor, extras: tuple, execute: torch.Tensor, pad
     if unit.kind == "attn":
         k, v, *cache = unit.kv(*subset_args(unit.kv_roles, a, extras))  # every new token's keys and values
         kv = (k, v)
-    roles = [unit.body_roles, unit.query_roles or []]
+    roles, outer = [unit.body_roles, unit.query_roles or []], extras
 
     def every(a, execute, pad, *rest):  # the unit as captured, minus the kv part already run
-        extras, named = _operands_back(unit, rest, a, roles, extras_in)
+        extras, named = _operands_back(unit, rest, a, roles, outer)
         if unit.kind == "mlp":
             return unit.body(*subset_args(unit.body_roles, a, extras))
         return unit.query(*subset_args(unit.query_roles, a, extras, named=named))
 
     def mixed(a, execute, pad, *rest):
-        extras, named = _operands_back(unit, rest, a, roles, extras_in)
+        extras, named = _operands_back(unit, rest, a, roles, outer)
         approx = unit._approximate(a, pad & ~execute)  # [B, T, D], 0 on executed tokens and padding
         if unit.kind == "mlp":
             return _gathered_tokens(unit, a, extras, execute, approx)
         return _gathered_rows(unit, a, extras, named, execute, approx)
 
     def some(a, execute, pad, *rest):
-        return _cond(execute.all(), every, mixed, (a, execute, pad, *rest))
+        return torch.cond(execute.all(), every, mixed, (a, execute, pad, *rest))
 
     def none(a, execute, pad, *rest):
         return unit._approximate(a, pad)
 
-    extras_in = extras
-    out = _cond(execute.any(), some, none, (a, execute, pad, *_tensors(extras), *kv))
+    out = torch.cond(execute.any(), some, none, (a, execute, pad, *_tensors(extras), *kv))
     return unit._with_cache(out, tuple(cache))
 
 
@@ -89,12 +94,8 @@ def folded_step(unit, a, out, full, sinks, extras):
         cache = unit._cache_without_sinks(_extras_back(rest, a, roles, extras), full.shape[1], a.shape[1])
         return unit._with_cache(out.clone(), cache)
 
-    result = _cond(sinks.any(), with_sinks, without, (a, out, full, sinks, *_tensors(extras)))
+    result = torch.cond(sinks.any(), with_sinks, without, (a, out, full, sinks, *_tensors(extras)))
     return tuple(result) if unit.cache is not None else result
-
-
-def _cond(pred: torch.Tensor, true_fn, false_fn, operands: tuple):
-    return torch.cond(pred, true_fn, false_fn, operands)
 
 
 # torch.cond takes tensor operands only, and a branch may not close over a SymInt (the trace fails):
