@@ -8,8 +8,9 @@ of the decode steps; prefill is timed apart. Dense is the same routed graph in
 ``dense`` mode (every unit runs, no router), routed is ``threshold`` routing.
 Runs interleave dense and routed; each figure is the median of --repeats runs
 after one warm-up run. PyTorch runs in --dtype (bf16 by default); ONNX Runtime
-in fp32 (the decode export's precision; its threshold file routes branch-free,
-so it computes every unit: expect no speed-up there). Each row also gives the
+in fp32 (the decode export's precision; its threshold file routes behind ONNX
+``If`` nodes, ``irc.nn.decode_branches``: an approximated token runs the forecaster
+only, a forecast-folded unit runs nothing but its forecaster past the sinks). Each row also gives the
 KV-cache bytes per token of context, dense and routed (forecast-folded attention
 layers keep their sink slots only: ``irc.generation.stats.kv_cache_bytes``).
 
@@ -133,8 +134,8 @@ def main() -> int:
                      f"{r['routed_tokens_per_s']:.1f} | {r['speedup']:.2f}× | {e} | "
                      f"{r['kv_bytes_per_token']['dense']:,} → {r['kv_bytes_per_token']['routed']:,} | "
                      f"`{r['command']}` |")
-    lines += ["", "ONNX Runtime rows: the threshold file routes branch-free (every unit computed, the decision "
-              "selects), so they show the routing overhead, not a speed-up; its decisions are not reported (n/a).",
+    lines += ["", "ONNX Runtime rows: the threshold file routes behind ONNX If nodes (each unit's skipped branch "
+              "does not run); its decisions are not reported (n/a).",
               "", "KV B/token: KV-cache bytes per token of context; dense: every layer's cache grows with the "
               "context (the base model); routed: a forecast-folded attention layer keeps its n_sink sink slots "
               "only (a constant, not counted per token)."]
