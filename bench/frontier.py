@@ -208,13 +208,11 @@ def without_lora(out_dir: Path, snapshot: Path, config) -> dict:
     from irc.data import load_corpus, token_stream
     from irc.eval.routed import evaluate_routed, inference_mode, routed_budget
     from irc.train.calibrate import calibrate_thresholds
-    from irc.train.windows import make_windows
+    from irc.train.convert import split_held_in
 
     routed = irc.load(out_dir)
     routed.load_routing_state(load_file(snapshot))
-    stream = token_stream(load_corpus(config.data), routed.tokenizer)
-    held = config.calib_windows * config.lff_seq_len
-    calib = make_windows(stream[len(stream) - held:], config.lff_seq_len, config.calib_windows)
+    _, calib = split_held_in(token_stream(load_corpus(config.data), routed.tokenizer), config)
     budget = routed_budget(routed, sparsity=config.sparsity, flops_saved=config.flops_saved, seq_len=calib.shape[1])
     calibrate_thresholds(routed, calib, budget=budget)
     inference_mode(routed, None)

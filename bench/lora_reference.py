@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 def lora_windows(stream, config):
     """The windows the convert's LoRA stage trains on, taken by the convert's own stages in their
     order (the calibration tail held out first)."""
-    from irc.train.convert import STAGES, Job
+    from irc.train.convert import STAGES, Job, split_held_in
 
-    train = stream[: len(stream) - config.calib_windows * config.lff_seq_len]
+    train, _ = split_held_in(stream, config)
     job = Job(config=config, source="", base=None, stream=train, calib=None, work=None, log=print,
               show_progress=False, on_stage=lambda name, info: None)
     for stage in STAGES:

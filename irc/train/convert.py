@@ -468,6 +468,16 @@ def _put(records: dict, path: tuple[str, ...], value) -> None:
     records[path[-1]] = value
 
 
+def split_held_in(stream: np.ndarray, config: ConvertConfig) -> tuple[np.ndarray, torch.Tensor]:
+    """The training stream and the held-in windows (its last ``calib_windows``, never trained on):
+    calibration, static-lff scoring and fold evidence."""
+    from irc.train.windows import make_windows
+
+    held = config.calib_windows * config.lff_seq_len
+    return stream[: len(stream) - held], make_windows(stream[len(stream) - held :], config.lff_seq_len,
+                                                      config.calib_windows)
+
+
 def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool = False, overwrite: bool = False,
             show_progress: bool = True, log=print, on_stage=None) -> dict:
     """Convert ``source`` into a routed model directory ``out``; returns the run's summary.
@@ -477,7 +487,6 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
     """
     from irc.eval.routed import inference_mode
     from irc.models import load_model
-    from irc.train.windows import make_windows
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -490,10 +499,8 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
         raise UserError(f"windows of {longest} tokens are longer than the model's {base.arch.max_positions} "
                         "positions; use shorter windows")
     work = _Work(out, config, str(source), resume)
-    stream = token_stream(load_corpus(config.data, default_split="train"), base.tokenizer)
-    held = config.calib_windows * config.lff_seq_len
-    calib = make_windows(stream[len(stream) - held :], config.lff_seq_len, config.calib_windows)
-    job = Job(config=config, source=str(source), base=base, stream=stream[: len(stream) - held], calib=calib,
+    train, calib = split_held_in(token_stream(load_corpus(config.data, default_split="train"), base.tokenizer), config)
+    job = Job(config=config, source=str(source), base=base, stream=train, calib=calib,
               work=work, log=log, show_progress=show_progress, on_stage=on_stage or (lambda name, info: None))
     job.records = {"training": {"config": config.to_dict(), "sparsity": config.sparsity,
                                 "flops_saved": config.flops_saved}}
