@@ -1,8 +1,17 @@
 """Stage 4 (optional): LoRA on the units' projections, routers frozen.
 
-Next-token cross-entropy with routing on (hard Gumbel gates at τ = 1, the
-routers' final temperature, so the model learns to live with the routing it
-will get); only the LoRA ``A`` and ``B`` matrices train (AdamW, cosine schedule).
+The loss is next-token cross-entropy, optionally mixed with distillation from a
+teacher (``distill`` w: ``(1 − w)·CE + w·KL(teacher ‖ student)``, the teacher
+being the dense base model). Routing during training (``routing``):
+
+- ``train``: hard Gumbel gates at ``tau`` (the routers' final temperature), the
+  paper's stage 4: the model learns to live with noisy routing;
+- ``threshold``: the calibrated thresholds, the decisions the model will make at
+  inference (every unit computed densely and blended, so gradients reach the
+  executed tokens' projections); calibrate before and after;
+- ``dense``: every unit runs (LoRA on the dense model: what the data alone buys).
+
+Only the LoRA ``A`` and ``B`` matrices train (AdamW, cosine schedule).
 """
 
 from __future__ import annotations
@@ -22,16 +31,42 @@ class LoRATrainConfig:
     batch_size: int = 2
     lr: float = 1e-4
     tau: float = 1.0
-    # "train": hard Gumbel gates at ``tau`` (the routed model learns to live with its routing);
-    # "dense": every unit runs (LoRA on the dense model: the reference for what the data alone buys)
-    routing: str = "train"
+    routing: str = "train"  # train | threshold | dense (the module docstring)
+    distill: float = 0.0  # weight of KL(teacher ‖ student) in the loss; needs a teacher
 
     def __post_init__(self):
-        if self.routing not in ("train", "dense"):
-            raise ValueError(f"routing must be train or dense, got {self.routing!r}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill must be in [0, 1], got {self.distill}")
 
 
-def train_lora(routed, windows: torch.Tensor, config: LoRATrainConfig, *, show_progress: bool = True) -> dict:
+ROUTINGS = ("train", "threshold", "dense")
+
+
+def distill_loss(logits: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real positions of KL(teacher ‖ student) of the next-token distributions."""
+    real = attention_mask.bool()
+    s = torch.log_softmax(logits[real].float(), dim=-1)
+    t = torch.log_softmax(teacher[real].float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def _set_routing(routed, config: LoRATrainConfig) -> None:
+    if config.routing == "dense":
+        routed.set_routing("dense", record=False)
+    elif config.routing == "threshold":
+        routed.set_routing("threshold", sparse=False, record=False)
+    else:
+        routed.set_routing("train", tau=config.tau, record=False)
+
+
+def train_lora(routed, windows: torch.Tensor, config: LoRATrainConfig, *, teacher=None,
+               show_progress: bool = True) -> dict:
+    """Train the LoRA deltas of ``routed`` on ``windows``; ``teacher(ids) → logits`` (no
+    gradient; the dense base model) when ``config.distill > 0``."""
+    if config.distill > 0 and teacher is None:
+        raise ValueError("distillation (distill > 0) needs a teacher")
     params = [p for u in routed.units.values() if getattr(u, "lora", None) is not None for p in u.lora.parameters()]
     if not params:
         raise ValueError("the routed model has no LoRA (route it with lora_rank > 0)")
@@ -48,14 +83,16 @@ def train_lora(routed, windows: torch.Tensor, config: LoRATrainConfig, *, show_p
         for step in range(config.steps):
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-            if config.routing == "dense":
-                routed.set_routing("dense", record=False)
-            else:
-                routed.set_routing("train", tau=config.tau, record=False)
+            _set_routing(routed, config)
             idx = step * config.batch_size
             batch = torch.stack([windows[(idx + i) % len(windows)] for i in range(config.batch_size)])
             mask = torch.ones_like(batch)
-            loss = lm_loss(routed(batch, mask), batch, mask)
+            logits = routed(batch, mask)
+            loss = lm_loss(logits, batch, mask)
+            if config.distill > 0:
+                with torch.no_grad():
+                    target = teacher(batch)
+                loss = (1 - config.distill) * loss + config.distill * distill_loss(logits, target, mask)
             routing_terms(routed.units.values())  # clears the gates the units kept for the router loss
             optimizer.zero_grad()
             loss.backward()
@@ -63,10 +100,11 @@ def train_lora(routed, windows: torch.Tensor, config: LoRATrainConfig, *, show_p
             last = float(loss.detach())
             first = last if first is None else first
             bar.update(1)
-            bar.set_postfix(ce=f"{last:.3f}")
+            bar.set_postfix(loss=f"{last:.3f}")
     finally:
         bar.close()
         for p in params:
             p.requires_grad_(False)
         routed.set_routing("dense", record=True)
-    return {"steps": config.steps, "first_ce": first, "last_ce": last}
+    return {"steps": config.steps, "routing": config.routing, "distill": config.distill, "lr": config.lr,
+            "first_loss": first, "last_loss": last}
