@@ -7,8 +7,8 @@ being the dense base model). Routing during training (``routing``):
 - ``train``: hard Gumbel gates at ``tau`` (the routers' final temperature), the
   paper's stage 4: the model learns to live with noisy routing;
 - ``threshold``: the calibrated thresholds, the decisions the model will make at
-  inference (every unit computed densely and blended, so gradients reach the
-  executed tokens' projections); calibrate before and after;
+  inference, run sparsely as inference runs them (the gather/scatter ops carry
+  gradients: the same as blending, and cheaper); calibrate before and after;
 - ``dense``: every unit runs (LoRA on the dense model: what the data alone buys).
 
 Only the LoRA ``A`` and ``B`` matrices train (AdamW, cosine schedule).
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from irc.progress import progress
+from irc.train.distributed import all_reduce_grads, global_means, require_rows, shard, sharded_gumbel, world
 from irc.train.losses import lm_loss, routing_terms
 
 
@@ -52,11 +53,26 @@ def distill_loss(logits: torch.Tensor, teacher: torch.Tensor, attention_mask: to
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
+def _sharded_loss(routed, mine: torch.Tensor, config: LoRATrainConfig, teacher) -> torch.Tensor:
+    """Many processes: the global batch's loss from this rank's rows (token-weighted means)."""
+    mask = torch.ones_like(mine)
+    logits = routed(mine, mask)
+    scored = (mask[:, 1:].bool() & mask[:, :-1].bool()).sum().float()
+    loss = global_means((lm_loss(logits, mine, mask) * scored)[None], scored[None])[0]
+    if config.distill > 0:
+        with torch.no_grad():
+            target = teacher(mine)
+        real = mask.sum().float()
+        kl = global_means((distill_loss(logits, target, mask) * real)[None], real[None])[0]
+        loss = (1 - config.distill) * loss + config.distill * kl
+    return loss
+
+
 def _set_routing(routed, config: LoRATrainConfig) -> None:
     if config.routing == "dense":
         routed.set_routing("dense", record=False)
     elif config.routing == "threshold":
-        routed.set_routing("threshold", sparse=False, record=False)
+        routed.set_routing("threshold", sparse=True, record=False)
     else:
         routed.set_routing("train", tau=config.tau, record=False)
 
@@ -77,6 +93,8 @@ def train_lora(routed, windows: torch.Tensor, config: LoRATrainConfig, *, teache
     if len(windows) == 0:
         raise ValueError("LoRA training needs at least one window")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    w = world()
+    require_rows(config.batch_size, "LoRA", w)
     bar = progress(total=config.steps, desc="LoRA", unit="step", enabled=show_progress)
     first = last = None
     try:
@@ -86,16 +104,21 @@ def train_lora(routed, windows: torch.Tensor, config: LoRATrainConfig, *, teache
             _set_routing(routed, config)
             idx = step * config.batch_size
             batch = torch.stack([windows[(idx + i) % len(windows)] for i in range(config.batch_size)])
-            mask = torch.ones_like(batch)
-            logits = routed(batch, mask)
-            loss = lm_loss(logits, batch, mask)
-            if config.distill > 0:
-                with torch.no_grad():
-                    target = teacher(batch)
-                loss = (1 - config.distill) * loss + config.distill * distill_loss(logits, target, mask)
+            if w.distributed:  # this rank's rows; the global batch's loss (irc.train.distributed)
+                with sharded_gumbel(routed, len(batch)):
+                    loss = _sharded_loss(routed, shard(batch, w), config, teacher)
+            else:
+                mask = torch.ones_like(batch)
+                logits = routed(batch, mask)
+                loss = lm_loss(logits, batch, mask)
+                if config.distill > 0:
+                    with torch.no_grad():
+                        target = teacher(batch)
+                    loss = (1 - config.distill) * loss + config.distill * distill_loss(logits, target, mask)
             routing_terms(routed.units.values())  # clears the gates the units kept for the router loss
             optimizer.zero_grad()
             loss.backward()
+            all_reduce_grads(params)
             optimizer.step()
             last = float(loss.detach())
             first = last if first is None else first

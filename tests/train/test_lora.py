@@ -8,6 +8,7 @@ from routed_helpers import batch, tiny_routed
 
 import irc
 from irc.plan import RoutingPlan
+from irc.train.losses import lm_loss
 from irc.train.lora_train import LoRATrainConfig, train_lora
 
 from tiny import save_tiny
@@ -88,6 +89,34 @@ def test_threshold_lora_adapts_only_what_inference_runs():
     assert result["last_loss"] < 0.9 * result["first_loss"]
     assert never.lora["gate_proj"].B.abs().sum() == 0
     assert routed.units["layer0_mlp"].lora["gate_proj"].B.abs().sum() > 0
+
+
+def test_sparse_threshold_gradients_equal_the_blend():
+    """LoRA trains through the sparse path (gather/scatter autograd): the same gradients as
+    computing every unit densely and blending by the decisions."""
+    torch.manual_seed(0)
+    _, routed = tiny_routed("llama", RoutingPlan(lff_rank=16, n_sink=2, lora_rank=4))
+    params = [p for u in routed.units.values() for p in u.lora.parameters()]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    for p in routed.gm.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    ids, mask = batch(24)
+    grads, fractions = {}, {}
+    for sparse in (False, True):
+        routed.set_routing("threshold", sparse=sparse, record=True)
+        routed.reset_stats()
+        for p in params:
+            p.grad = None
+        lm_loss(routed(ids, mask), ids, mask).backward()
+        grads[sparse] = torch.cat([p.grad.flatten() for p in params])
+        fractions[sparse] = routed.execute_fractions()
+    assert fractions[True] == fractions[False] and 0.05 < min(fractions[True].values()) < 0.95
+    assert grads[False].abs().max() > 0
+    torch.testing.assert_close(grads[True], grads[False], atol=1e-6, rtol=1e-5)
 
 
 def test_distill_loss_is_the_kl_divergence():
