@@ -48,6 +48,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lora-steps", type=int,
                    help="after router training, train LoRA (rank 16, α 32, q/v/gate) for N steps, routers frozen "
                    "(default: the preset's, quick 0, standard 50; 0 skips it)")
+    p.add_argument("--lora-routing", choices=["train", "threshold"],
+                   help="routing while LoRA trains: hard Gumbel gates (train) or the calibrated decisions "
+                   "inference makes (threshold); default: the preset's")
+    p.add_argument("--lora-distill", type=float, metavar="W",
+                   help="mix KL to the dense model's next-token distribution into the LoRA loss with weight W "
+                   "in [0, 1] (default: the preset's)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-dense-eval", action="store_true", help="do not evaluate the dense model")
@@ -68,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
         overrides["router_steps"] = args.router_steps
     if args.lora_steps is not None:
         overrides["lora_steps"] = args.lora_steps
+    if args.lora_routing is not None:
+        overrides["lora_routing"] = args.lora_routing
+    if args.lora_distill is not None:
+        overrides["lora_distill"] = args.lora_distill
     config = ConvertConfig.from_preset(
         args.sparsity, args.preset, flops_saved=args.flops_saved,
         fold_epsilon=None if args.no_fold else args.fold_epsilon, variant=args.variant, data=args.data, eval_data=args.eval_data,

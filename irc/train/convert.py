@@ -47,6 +47,7 @@ from irc.cache import atomic_file, write_json_atomic
 from irc.data import load_corpus, token_stream
 from irc.errors import UserError
 from irc.plan import RoutingPlan
+from irc.train.distributed import broadcast_object, on_main, world
 
 PRESETS: dict[str, dict] = {
     # the demo: a few minutes on a 2-core CPU
@@ -93,6 +94,10 @@ class ConvertConfig:
     lora_steps: int = 0  # stage 5: LoRA (rank 16, α 32, q/v/gate projections); 0 skips it
     lora_rank: int = 16
     lora_lr: float = 3e-4
+    # LoRA's routing while it trains (irc.train.lora_train): "train" (hard Gumbel gates, the paper's)
+    # or "threshold" (the calibrated decisions inference makes; mod always trains with "train")
+    lora_routing: str = "train"
+    lora_distill: float = 0.0  # weight of KL to the dense base model in the LoRA loss
     fold_epsilon: float | None = DEFAULT_FOLD_EPSILON  # fold units executing ≤ ε or ≥ 1 − ε of held-in tokens; None: no folding
     static_score_windows: int = 2  # static-lff: held-in windows each unit's loss increase is measured on
     eval_seq_len: int = 1024
@@ -114,6 +119,10 @@ class ConvertConfig:
             raise UserError(f"unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
         if self.variant == "static-lff" and self.flops_saved is None:
             raise UserError("--variant static-lff chooses units by FLOPs: give --flops-saved F")
+        if self.lora_routing not in ("train", "threshold"):
+            raise UserError(f"--lora-routing must be train or threshold, got {self.lora_routing!r}")
+        if not 0.0 <= self.lora_distill <= 1.0:
+            raise UserError(f"--lora-distill must be in [0, 1], got {self.lora_distill}")
         if self.fold_epsilon is not None and not 0.0 <= self.fold_epsilon < 0.5:
             raise UserError(f"--fold-epsilon must be in [0, 0.5), got {self.fold_epsilon}")
 
@@ -145,29 +154,42 @@ class ConvertConfig:
 
 
 class _Work:
-    """The work directory: stage checkpoints and the configuration they belong to."""
+    """The work directory: stage checkpoints and the configuration they belong to.
+
+
+    On many processes rank 0 alone reads and writes it (``on_main``): every method is then
+    a collective that all ranks call in the same order, and what rank 0 read reaches the
+    others by broadcast; checkpoints hold no trace of the number of processes, so a run
+    resumes with any number."""
 
     def __init__(self, out: Path, config: ConvertConfig, source: str, resume: bool):
         self.dir = out.parent / f".{out.name}.irc-work"
         key = {"config": config.to_dict(), "source": source}
         meta = self.dir / "run.json"
-        if self.dir.exists() and not resume:
-            shutil.rmtree(self.dir)
-        if resume and meta.is_file():
-            recorded = self.read_json("run.json")
-            if recorded != key:
-                raise UserError(f"--resume: the checkpoints in {self.dir} belong to another configuration "
-                                "or model; run without --resume to start over")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(meta, key)
+
+        def setup():
+            if self.dir.exists() and not resume:
+                shutil.rmtree(self.dir)
+            if resume and meta.is_file():
+                recorded = self._read_json("run.json")
+                if recorded != key:
+                    raise UserError(f"--resume: the checkpoints in {self.dir} belong to another configuration "
+                                    "or model; run without --resume to start over")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(meta, key)
+
+        on_main(setup)
 
     def path(self, name: str) -> Path:
         return self.dir / name
 
     def has(self, name: str) -> bool:
-        return self.path(name).is_file()
+        return on_main(lambda: self.path(name).is_file())
 
     def read_json(self, name: str):
+        return on_main(lambda: self._read_json(name))
+
+    def _read_json(self, name: str):
         try:
             return json.loads(self.path(name).read_text())
         except (OSError, ValueError) as e:
@@ -176,22 +198,30 @@ class _Work:
     def save_routing(self, name: str, routed) -> None:
         from safetensors.torch import save
 
-        state = {k: v.detach().contiguous().cpu() for k, v in routed.routing_state().items()}
-        with atomic_file(self.path(name), "wb") as f:
-            f.write(save(state))
+        def write():
+            state = {k: v.detach().contiguous().cpu() for k, v in routed.routing_state().items()}
+            with atomic_file(self.path(name), "wb") as f:
+                f.write(save(state))
+
+        on_main(write)
 
     def load_routing(self, name: str, routed) -> None:
         from safetensors.torch import load_file
 
-        try:
-            state = load_file(self.path(name))
-        except Exception as e:  # noqa: BLE001 - a file safetensors cannot parse is unusable
-            raise UserError(f"checkpoint {self.path(name)} is corrupt ({type(e).__name__}: {e}); "
-                            "run without --resume") from None
-        routed.load_routing_state(state)
+        def read():
+            try:
+                return load_file(self.path(name))
+            except Exception as e:  # noqa: BLE001 - a file safetensors cannot parse is unusable
+                raise UserError(f"checkpoint {self.path(name)} is corrupt ({type(e).__name__}: {e}); "
+                                "run without --resume") from None
+
+        routed.load_routing_state(on_main(read))
+
+    def write_json(self, name: str, obj) -> None:
+        on_main(lambda: write_json_atomic(self.path(name), obj))
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        on_main(lambda: shutil.rmtree(self.dir, ignore_errors=True))
 
 
 @dataclass
@@ -341,11 +371,11 @@ def _routers(job: Job) -> dict:
     progress_file = "routers-progress.safetensors"
     state = None
     if job.work.has(progress_file):
-        state = load_state(job.work.path(progress_file))
+        state = on_main(lambda: load_state(job.work.path(progress_file)))
         job.log(f"stage routers: resuming at step {state.step} of {train_cfg.steps}")
 
     def checkpoint(snapshot):
-        save_state(snapshot, job.work.path(progress_file))
+        on_main(lambda: save_state(snapshot, job.work.path(progress_file)))
         job.on_stage("routers-checkpoint", {"step": snapshot.step})
 
     if state is None or state.step < train_cfg.steps:
@@ -376,10 +406,22 @@ def _lora_data(job: Job) -> None:
 
 
 def _lora(job: Job) -> dict:
+    """LoRA with the routers frozen. ``threshold`` routing calibrates first (the decisions it trains
+    under are the budget's); the calibrate stage after it recalibrates to the adapted model."""
     from irc.train.lora_train import LoRATrainConfig, train_lora
 
-    return train_lora(job.routed, job.windows["lora"], LoRATrainConfig(steps=job.config.lora_steps,
-                      batch_size=job.config.batch_size, lr=job.config.lora_lr), show_progress=job.show_progress)
+    c = job.config
+    routing = "train" if job.plan.variant == "mod" else c.lora_routing
+    if routing == "threshold":
+        _calibrate(job)
+    teacher = None
+    if c.lora_distill > 0:
+        def teacher(ids):
+            return job.base.model(ids).logits
+
+    return train_lora(job.routed, job.windows["lora"],
+                      LoRATrainConfig(steps=c.lora_steps, batch_size=c.batch_size, lr=c.lora_lr, routing=routing,
+                                      distill=c.lora_distill), teacher=teacher, show_progress=job.show_progress)
 
 
 def _select(job: Job) -> dict:
@@ -425,6 +467,8 @@ def _evaluate(job: Job) -> dict:
     c, routed = job.config, job.routed
     heldout = token_stream(load_corpus(c.eval_data, default_split="heldout"), job.base.tokenizer)
     evaluation = {"data": c.eval_data, "seq_len": c.eval_seq_len, "max_tokens": c.eval_tokens}
+    if world().distributed:
+        return {**evaluation, **_evaluate_sharded(job, heldout)}
     if c.evaluate_dense:
         dense = evaluate_perplexity(job.base.model, heldout, seq_len=c.eval_seq_len, max_tokens=c.eval_tokens,
                                     show_progress=job.show_progress)
@@ -434,6 +478,48 @@ def _evaluate(job: Job) -> dict:
                              show_progress=job.show_progress)
     evaluation.update({"perplexity": result["perplexity"], "tokens": result["tokens"],
                        "sparsity": result["sparsity"], "flops_per_token": result["flops_per_token"],
+                       "routers": len(routed.units), "folded": len(getattr(routed, "folded", {}))})
+    if c.variant in ("informed", "static-lff") and routed.units:
+        evaluation["lff_relative_error"] = {k: round(v, 4) for k, v in forecaster_errors(routed, job.calib[:1]).items()}
+    return evaluation
+
+
+def _evaluate_sharded(job: Job, heldout: np.ndarray) -> dict:
+    """Many processes: each rank scores its contiguous run of the evaluation windows (windows
+    of ``eval_seq_len`` that do not overlap, so the split changes none of them); NLL sums,
+    token counts and the units' counters are summed over ranks."""
+    import math
+
+    from irc.eval import evaluate_perplexity
+    from irc.eval.routed import evaluate_routed, routed_flops
+    from irc.eval.sparsity import achieved_sparsity
+    from irc.train.distributed import all_reduce_scalars, shard_slice, sum_unit_counters
+    from irc.train.lff_fit import forecaster_errors
+
+    c, routed, L = job.config, job.routed, job.config.eval_seq_len
+    stream = heldout[: c.eval_tokens]
+    if len(stream) < 2:
+        raise UserError(f"too few tokens to evaluate ({len(stream)})")
+    mine = shard_slice(-(-len(stream) // L))
+    part = stream[mine.start * L : min(mine.stop * L, len(stream))]
+
+    def perplexity(evaluate) -> tuple[float, int]:
+        result = evaluate(part) if len(part) >= 2 else None
+        local = (result["nll"] * result["tokens"], result["tokens"]) if result else (0.0, 0)
+        nll, tokens = all_reduce_scalars(local)
+        return math.exp(nll / tokens), int(tokens)
+
+    evaluation = {}
+    if c.evaluate_dense:
+        evaluation["dense_perplexity"], _ = perplexity(lambda t: evaluate_perplexity(
+            job.base.model, t, seq_len=L, show_progress=job.show_progress).to_dict())
+    routed.reset_stats()
+    ppl, tokens = perplexity(lambda t: evaluate_routed(
+        routed, t, seq_len=L, sparsity=job.nominal_sparsity() if job.plan.variant == "mod" else None,
+        show_progress=job.show_progress))
+    sum_unit_counters(routed)
+    evaluation.update({"perplexity": ppl, "tokens": tokens, "sparsity": achieved_sparsity(routed),
+                       "flops_per_token": routed_flops(routed, L),
                        "routers": len(routed.units), "folded": len(getattr(routed, "folded", {}))})
     if c.variant in ("informed", "static-lff") and routed.units:
         evaluation["lff_relative_error"] = {k: round(v, 4) for k, v in forecaster_errors(routed, job.calib[:1]).items()}
@@ -489,8 +575,15 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
     from irc.models import load_model
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; choose another directory or pass --overwrite")
+    w = world()
+    if not w.is_main:  # many processes: rank 0 alone reports
+        show_progress, log = False, (lambda line: None)
+
+    def check_out():
+        if out.exists() and not overwrite:
+            raise UserError(f"{out} already exists; choose another directory or pass --overwrite")
+
+    on_main(check_out)
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     base = load_model(source, dtype=config.dtype)
@@ -524,11 +617,11 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
             record, seconds[stage.name] = saved["record"], saved["seconds"]
             log(f"stage {stage.name}: resumed from checkpoint")
         else:
-            record = stage.run(job)
-            seconds[stage.name] = round(time.perf_counter() - t, 1)
+            record = broadcast_object(stage.run(job))  # many processes: rank 0's record (they agree)
+            seconds[stage.name] = broadcast_object(round(time.perf_counter() - t, 1))
             if job.routed is not None:
                 work.save_routing(checkpoint + ".safetensors", job.routed)
-            write_json_atomic(work.path(checkpoint + ".json"), {"record": record, "seconds": seconds[stage.name]})
+            work.write_json(checkpoint + ".json", {"record": record, "seconds": seconds[stage.name]})
         if stage.record_at and record is not None:
             _put(job.records, stage.record_at, record)
         job.on_stage(stage.name, {})
@@ -543,6 +636,6 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
     routed = job.routed
     inference_mode(routed, job.nominal_sparsity() if job.plan.variant == "mod" else None)
     routed.records = records
-    routed.save(out, overwrite=overwrite)
+    on_main(lambda: routed.save(out, overwrite=overwrite))
     work.remove()
     return {"out": str(out), **records}

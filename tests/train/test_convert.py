@@ -113,14 +113,24 @@ def test_cli_convert_then_eval_with_the_dial(tiny_dirs, tiny_corpus, tmp_path, c
     assert moved["flops_per_token"]["routed"] < first["flops_per_token"]["routed"]
 
 
-def test_convert_with_lora(tiny_dirs, tiny_corpus, tmp_path):
+@pytest.mark.parametrize("routing,distill", [("train", 0.0), ("threshold", 0.5)])
+def test_convert_with_lora(tiny_dirs, tiny_corpus, tmp_path, routing, distill):
     out = tmp_path / "lora"
-    summary = convert(str(tiny_dirs["llama"]), out, _config(tiny_corpus, lora_steps=3, lora_rank=4),
+    summary = convert(str(tiny_dirs["llama"]), out, _config(tiny_corpus, lora_steps=3, lora_rank=4,
+                                                            lora_routing=routing, lora_distill=distill),
                       show_progress=False, log=lambda s: None)
-    assert summary["training"]["lora"]["steps"] == 3
+    lora = summary["training"]["lora"]
+    assert (lora["steps"], lora["routing"], lora["distill"]) == (3, routing, distill)
     manifest = json.loads((out / "irc.json").read_text())
     assert manifest["plan"]["lora_rank"] == 4
     assert any(".lora." in k for k in load_file(out / "routing.safetensors"))
+
+
+def test_bad_lora_settings_are_refused(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["convert", str(tiny_dirs["llama"]), "-o", str(out), "--lora-distill", "1.5"]) == 2
+    assert "--lora-distill must be in [0, 1]" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_flops_budget_convert_and_eval_dial(tiny_dirs, tiny_corpus, tmp_path, capsys):
