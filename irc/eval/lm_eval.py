@@ -325,6 +325,14 @@ class IrcLM(TemplateLM):
 
     # --- facts for the results -------------------------------------------------------------
 
+    def reset_facts(self) -> None:
+        """Start counting tokens, sparsity and FLOPs afresh: one loaded model evaluated task by
+        task (``bench/tasks.py``) reports each task's own figures."""
+        self.forward_tokens = 0
+        self.forward_rows = 0
+        if self.kind == "routed":
+            self.model.reset_stats()
+
     def facts(self) -> dict:
         """What was evaluated: for a routed model, the sparsity and FLOPs saved it achieved on the
         tokens scored (prefill forward passes; generated tokens are not counted)."""

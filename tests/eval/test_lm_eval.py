@@ -80,6 +80,23 @@ def test_padding_changes_no_routed_decision():
     assert many.unbatched_reason is None
 
 
+def test_reset_facts_counts_only_the_requests_after_it():
+    """One loaded model evaluated task by task (bench/tasks.py): after ``reset_facts`` its sparsity and
+    FLOPs are those of a fresh backend that ran only the later requests."""
+    _, routed = tiny_routed("llama")
+    lm = IrcLM(routed, max_length=48)
+    lm.loglikelihood_rolling(_rolling_requests())
+    lm.reset_facts()
+    lm.loglikelihood(_mc_requests())
+    after = lm.facts()
+    fresh = IrcLM(routed, max_length=48)  # resets the units' counters
+    fresh.loglikelihood(_mc_requests())
+    expected = fresh.facts()
+    assert after["tokens_routed"] == expected["tokens_routed"] > 0
+    for key in ("achieved_sparsity", "sparsity_by_kind", "flops_saved", "flops_seq_len"):
+        assert after[key] == expected[key], key
+
+
 def test_capacity_routing_runs_one_request_at_a_time():
     from irc.plan import RoutingPlan
 
