@@ -168,7 +168,9 @@ class RoutedUnit(RoutingState):
         return token_scatter(approx, u, rows).view(B, T, D)
 
     def _train(self, x, a, extras, logits, pad, sinks):
-        g = F.gumbel_softmax(logits.float(), tau=self.tau, hard=True)[..., 0]  # [B, T], straight-through
+        # ``gumbel``: set while training on many processes (irc.train.distributed.sharded_gumbel)
+        gumbel = getattr(self, "gumbel", None) or F.gumbel_softmax
+        g = gumbel(logits.float(), tau=self.tau, hard=True)[..., 0]  # [B, T], straight-through
         g = torch.where(sinks, torch.ones_like(g), g)
         execute = (g > 0.5) & pad
         self._count(execute, pad)

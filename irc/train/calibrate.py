@@ -18,6 +18,7 @@ import torch
 
 from irc.eval.sparsity import achieved_sparsity
 from irc.progress import progress
+from irc.train.distributed import all_gather_cat, shard, sum_unit_counters, world
 from irc.train.windows import batches
 
 
@@ -64,15 +65,17 @@ def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float | None =
     T = windows.shape[1]
     sink_share = min(n_sink, T) / T
     targets: dict[str, float] = {}
+    w = world()
+    mine = shard(windows, w)  # many processes: each runs its windows, the margins are gathered
     bar = progress(total=iterations, desc="calibrating thresholds", unit="pass", enabled=show_progress)
     try:
         for it in range(iterations):
             for name in units:
                 margins[name] = []
             routed.set_routing("threshold", record=False)
-            for batch in batches(windows, batch_size):
+            for batch in batches(mine, batch_size):
                 routed(batch)
-            free = {name: torch.cat(m)[:, n_sink:].reshape(-1) for name, m in margins.items()}
+            free = {name: m[:, n_sink:].reshape(-1) for name, m in _all_margins(margins, T, w).items()}
             if method == "offset":
                 theta = _common_threshold(free, budget, sink_share)
                 for unit in units.values():
@@ -89,8 +92,9 @@ def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float | None =
             h.remove()
     routed.reset_stats()
     routed.set_routing("threshold", record=True)
-    for batch in batches(windows, batch_size):
+    for batch in batches(mine, batch_size):
         routed(batch)
+    sum_unit_counters(routed)
     achieved = achieved_sparsity(routed)
     from irc.eval.routed import routed_flops
 
@@ -101,6 +105,15 @@ def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float | None =
             "achieved_sparsity": achieved["overall"], "by_kind": achieved["by_kind"],
             "by_unit": {n: round(v, 5) for n, v in achieved["by_unit"].items() if v is not None},
             "thresholds": {n: round(float(u.threshold), 4) for n, u in units.items()}}
+
+
+def _all_margins(margins: dict[str, list[torch.Tensor]], T: int, w) -> dict[str, torch.Tensor]:
+    """Each unit's margins ``[windows, T]`` over all windows: this process's, or with many
+    processes every rank's in rank order (the windows' order)."""
+    if not w.distributed:
+        return {name: torch.cat(m) for name, m in margins.items()}
+    local = [torch.cat(m).reshape(-1) if m else torch.zeros(0) for m in margins.values()]
+    return {name: g.reshape(-1, T) for name, g in zip(margins, all_gather_cat(local))}
 
 
 def _unit_targets(free: dict[str, torch.Tensor], target: float, sink_share: float) -> dict[str, float]:

@@ -17,10 +17,13 @@ def held_in_fractions(routed, windows: torch.Tensor) -> dict[str, float]:
     """Each dynamic unit's execute fraction over the non-sink tokens of ``windows`` (threshold mode)."""
     from irc.eval.routed import inference_mode
 
+    from irc.train.distributed import shard, sum_unit_counters
+
     inference_mode(routed)
     routed.reset_stats()
-    for batch in windows.split(1):
+    for batch in shard(windows).split(1):  # many processes: each its windows, counters summed
         routed(batch)
+    sum_unit_counters(routed)
     sinks = min(routed.plan.n_sink, windows.shape[1]) * windows.shape[0]
     return {n: (u.executed - sinks) / max(u.tokens - sinks, 1) for n, u in routed.units.items()}
 

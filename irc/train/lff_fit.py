@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from irc.nn.tokens import sink_mask
 from irc.progress import progress
+from irc.train.distributed import all_reduce_grads, broadcast_tensors, global_means, shard, world
 from irc.train.observe import observing
 from irc.train.windows import batches
 
@@ -83,16 +84,45 @@ def fit_closed_form(routed, windows: torch.Tensor, config: LFFFitConfig = LFFFit
         xs, ys = _selected(unit, a, u, attention_mask)
         moments[names[id(unit)]].add(xs, ys)
 
+    w = world()
     with observing(routed, units.values(), observe):
         bar = progress(total=len(windows), desc="LFF fit: statistics", unit="win", enabled=show_progress)
         for batch in batches(windows, config.batch_size):
-            routed(batch)
+            mine = shard(batch, w)
+            if len(mine):
+                routed(mine)
             bar.update(len(batch))
         bar.close()
+    if w.distributed:
+        return _solve_distributed(units, moments, config.ridge, w)
     stats = {}
     for name, unit in units.items():
         stats[name] = _solve(unit.forecaster, moments[name], config.ridge)
     return stats
+
+
+def _solve_distributed(units: dict, moments: dict, ridge: float, w) -> dict[str, dict]:
+    """Many processes: each unit's moments summed over ranks, unit i solved by rank i mod N, its
+    forecaster broadcast from there (the solves run in parallel)."""
+    import torch.distributed as dist
+
+    stats: dict[str, dict] = {}
+    for i, (name, unit) in enumerate(units.items()):
+        m = moments[name]
+        owner = i % w.size
+        flat = torch.cat([m.xtx.reshape(-1), m.xty.reshape(-1), torch.tensor([m.yty, float(m.n)], dtype=torch.float64)])
+        dist.reduce(flat, dst=owner)
+        if w.rank == owner:
+            k1, k2 = m.xtx.numel(), m.xty.numel()
+            m.xtx, m.xty = flat[:k1].view_as(m.xtx), flat[k1 : k1 + k2].view_as(m.xty)
+            m.yty, m.n = float(flat[-2]), int(flat[-1])
+            stats[name] = _solve(unit.forecaster, m, ridge)
+    for i, (name, unit) in enumerate(units.items()):
+        broadcast_tensors(list(unit.forecaster.state_dict().values()), src=i % w.size)
+    gathered = [None] * w.size
+    dist.all_gather_object(gathered, stats)
+    merged = {k: v for part in gathered for k, v in part.items()}
+    return {name: merged[name] for name in units}
 
 
 def _solve(forecaster, m: _Moments, ridge: float) -> dict:
@@ -142,6 +172,7 @@ def fit_smoothl1(routed, windows: torch.Tensor, config: LFFFitConfig = LFFFitCon
         pairs.append((unit, *_selected(unit, a, u, attention_mask)))
 
     total = steps if steps is not None else config.steps
+    w = world()
     bar = progress(total=total, desc="LFF fit: SmoothL1", unit="step", enabled=show_progress)
     last: dict[str, float] = {}
     try:
@@ -150,11 +181,16 @@ def fit_smoothl1(routed, windows: torch.Tensor, config: LFFFitConfig = LFFFitCon
                 start = (step * config.batch_size) % len(windows)
                 batch = windows[start : start + config.batch_size]
                 pairs.clear()
-                with torch.no_grad():
-                    routed(batch)  # teacher forcing: the dense model's (a, U(a)) of every unit
-                loss = torch.stack([F.smooth_l1_loss(unit.forecaster(xs), ys) for unit, xs, ys in pairs]).mean()
+                if w.distributed:
+                    loss = _sharded_smoothl1(routed, units, shard(batch, w), pairs)
+                else:
+                    with torch.no_grad():
+                        routed(batch)  # teacher forcing: the dense model's (a, U(a)) of every unit
+                    loss = torch.stack([F.smooth_l1_loss(unit.forecaster(xs), ys) for unit, xs, ys in pairs]).mean()
                 optimizer.zero_grad()
-                loss.backward()
+                if loss.requires_grad:
+                    loss.backward()
+                all_reduce_grads(params)
                 optimizer.step()
                 last["loss"] = float(loss.detach())
                 bar.update(1)
@@ -164,6 +200,25 @@ def fit_smoothl1(routed, windows: torch.Tensor, config: LFFFitConfig = LFFFitCon
         for u in units.values():
             u.forecaster.to(next(u.body.parameters()).dtype)
     return last
+
+
+def _sharded_smoothl1(routed, units: dict, mine: torch.Tensor, pairs: list) -> torch.Tensor:
+    """Many processes: the mean over units of SmoothL1 over the global batch, from this rank's rows
+    (per-unit means weighted by element counts, ``global_means``); gradient through the local means."""
+    if len(mine):
+        with torch.no_grad():
+            routed(mine)
+    got = {id(unit): (xs, ys) for unit, xs, ys in pairs}
+    means, counts = [], []
+    for unit in units.values():
+        if id(unit) in got:
+            xs, ys = got[id(unit)]
+            means.append(F.smooth_l1_loss(unit.forecaster(xs), ys))
+            counts.append(float(ys.numel()))
+        else:  # an empty shard
+            means.append(torch.zeros(()))
+            counts.append(0.0)
+    return global_means(torch.stack(means), torch.tensor(counts)).mean()
 
 
 @torch.no_grad()

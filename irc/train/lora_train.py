@@ -58,12 +58,11 @@ def _sharded_loss(routed, mine: torch.Tensor, config: LoRATrainConfig, teacher) 
     mask = torch.ones_like(mine)
     logits = routed(mine, mask)
     scored = (mask[:, 1:].bool() & mask[:, :-1].bool()).sum().float()
-    loss = global_means((lm_loss(logits, mine, mask) * scored)[None], scored[None])[0]
+    loss = global_means(lm_loss(logits, mine, mask)[None], scored[None])[0]
     if config.distill > 0:
         with torch.no_grad():
             target = teacher(mine)
-        real = mask.sum().float()
-        kl = global_means((distill_loss(logits, target, mask) * real)[None], real[None])[0]
+        kl = global_means(distill_loss(logits, target, mask)[None], mask.sum().float()[None])[0]
         loss = (1 - config.distill) * loss + config.distill * kl
     return loss
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from irc.nn.tokens import sink_mask
 from irc.progress import progress
+from irc.train.distributed import all_gather_cat, all_reduce_grads, global_means, shard, world
 from irc.train.observe import observing
 from irc.train.windows import batches
 
@@ -42,6 +43,7 @@ def init_routers(routed, windows: torch.Tensor, sparsity: float, *, lr: float = 
             observed.append((unit, a[keep].detach(), err[keep]))
 
     total = epochs * ((len(windows) + batch_size - 1) // batch_size)
+    w = world()
     bar = progress(total=total, desc="router init", unit="batch", enabled=show_progress)
     last = 0.0
     try:
@@ -49,6 +51,17 @@ def init_routers(routed, windows: torch.Tensor, sparsity: float, *, lr: float = 
             for _ in range(epochs):
                 for batch in batches(windows, batch_size):
                     observed.clear()
+                    if w.distributed:
+                        loss = _sharded_step(routed, units, shard(batch, w), observed, sparsity)
+                        optimizer.zero_grad()
+                        if loss.requires_grad:
+                            loss.backward()
+                        all_reduce_grads(params)
+                        optimizer.step()
+                        last = float(loss.detach())
+                        bar.update(1)
+                        bar.set_postfix(bce=f"{last:.3f}")
+                        continue
                     with torch.no_grad():
                         routed(batch)
                     losses = []
@@ -74,3 +87,37 @@ def init_routers(routed, windows: torch.Tensor, sparsity: float, *, lr: float = 
                 p.requires_grad_(False)
             u.router.to(base_dtype)
     return {"bce": last}
+
+
+def _sharded_step(routed, units: dict, mine: torch.Tensor, observed: list, sparsity: float) -> torch.Tensor:
+    """Many processes: one step's loss on the global batch from this rank's rows ``mine``.
+
+    The labels are the global batch's: each unit's errors are gathered from every rank
+    (in rank order, which is the batch's order) and the ``k`` lowest of the whole batch
+    are "approximate", exactly the single-process labels; each unit's BCE is a mean over
+    this rank's tokens, weighted by token counts (``global_means``). A rank with
+    no rows (a batch smaller than the number of processes) contributes nothing.
+    """
+    if len(mine):
+        with torch.no_grad():
+            routed(mine)
+    got = {id(unit): (a, err) for unit, a, err in observed}
+    ordered = [(u, *got.get(id(u), (None, torch.zeros(0)))) for u in units.values()]
+    everyone = all_gather_cat([err.float() for _, _, err in ordered])
+    lengths = all_gather_cat([torch.tensor([float(len(err))]) for _, _, err in ordered])  # [N] per unit
+    rank = world().rank
+    means = []  # each unit's mean BCE over this rank's tokens
+    for (unit, a, err), full, per_rank in zip(ordered, everyone, lengths):
+        if a is None or len(err) == 0:
+            means.append(torch.zeros(()))
+            continue
+        offset = int(per_rank[:rank].sum())
+        k = int(sparsity * len(full))
+        target = torch.ones_like(err)  # 1 = execute
+        if k:
+            chosen = torch.topk(full.to(err.dtype), k, largest=False).indices - offset
+            target[chosen[(chosen >= 0) & (chosen < len(err))]] = 0.0
+        logits = unit.router(a)
+        margin = (logits[:, 0] - logits[:, 1]).float()
+        means.append(F.binary_cross_entropy_with_logits(margin, target))
+    return global_means(torch.stack(means), torch.tensor([float(len(err)) for _, _, err in ordered])).mean()

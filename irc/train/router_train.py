@@ -22,6 +22,15 @@ from dataclasses import dataclass, field
 import torch
 
 from irc.progress import progress
+from irc.train.distributed import (
+    all_reduce_grads,
+    global_means,
+    require_rows,
+    shard,
+    sharded_gumbel,
+    sum_unit_counters,
+    world,
+)
 from irc.train.losses import lm_loss, routing_terms
 
 
@@ -106,6 +115,8 @@ def train_routers(routed, windows: torch.Tensor, config: RouterTrainConfig, *, r
     weights = None
     if config.budget is not None:
         weights = [config.budget.weights[name] for name in routed.units]
+    w = world()
+    require_rows(config.batch_size, "router training", w)
     bar = progress(total=config.steps, desc="router training", unit="step", enabled=show_progress)
     bar.update(state.step)
     try:
@@ -121,19 +132,26 @@ def train_routers(routed, windows: torch.Tensor, config: RouterTrainConfig, *, r
             for micro in range(config.grad_accum):
                 idx = (step * config.grad_accum + micro) * config.batch_size
                 batch = torch.stack([windows[(idx + i) % len(windows)] for i in range(config.batch_size)])
-                mask = torch.ones_like(batch)
-                logits = routed(batch, mask)
-                ce = lm_loss(logits, batch, mask)
-                loss = ce
-                e_bar, cos = routing_terms(units, weights)
+                if w.distributed:
+                    with sharded_gumbel(routed, len(batch)):
+                        loss, ce, e_bar = _sharded_loss(routed, units, weights, shard(batch, w), config)
+                else:
+                    mask = torch.ones_like(batch)
+                    logits = routed(batch, mask)
+                    ce = lm_loss(logits, batch, mask)
+                    loss = ce
+                    e_bar, cos = routing_terms(units, weights)
+                    if e_bar is not None:
+                        loss = loss + config.sparsity_weight * (config.exec_target - e_bar).abs() + config.cos_weight * cos
                 if e_bar is not None:
-                    loss = loss + config.sparsity_weight * (config.exec_target - e_bar).abs() + config.cos_weight * cos
                     totals["exec"] += float(e_bar.detach()) / config.grad_accum
                 (loss / config.grad_accum).backward()
                 totals["loss"] += float(loss.detach()) / config.grad_accum
                 totals["ce"] += float(ce.detach()) / config.grad_accum
+            all_reduce_grads(params)
             optimizer.step()
             state.step += 1
+            sum_unit_counters(routed)
             kinds = _fractions_by_kind(units)
             state.history.append({"step": state.step, "tau": round(tau, 3), **{k: round(v, 4) for k, v in totals.items()},
                                   **{f"exec_{k}": round(v, 4) for k, v in kinds.items()}})
@@ -150,6 +168,43 @@ def train_routers(routed, windows: torch.Tensor, config: RouterTrainConfig, *, r
             r.to(base_dtype)
         routed.set_routing("dense")
     return state
+
+
+def _sharded_loss(routed, units: list, weights, mine: torch.Tensor, config: RouterTrainConfig):
+    """Many processes: the global batch's loss ``(loss, ce, ē)`` from this rank's rows ``mine``.
+
+    Every term is a mean over real tokens (CE; each unit's execute fraction and
+    cosreg), computed locally as ``lm_loss`` / ``routing_terms`` do and weighted by token
+    counts in ``global_means``: the value is the global batch's on every rank and the
+    ranks' summed gradients are its gradient.
+    """
+    mask = torch.ones_like(mine)
+    logits = routed(mine, mask)
+    scored = (mask[:, 1:].bool() & mask[:, :-1].bool()).sum()
+    ce = global_means(lm_loss(logits, mine, mask)[None], scored[None])[0]
+    gates, cos, counts, used = [], [], [], []
+    for i, u in enumerate(units):
+        gate = getattr(u, "last_gate", None)
+        if gate is None:
+            continue
+        g, real = gate
+        gates.append((g * real).sum() / real.sum().clamp(min=1))  # as routing_terms
+        cos.append(u.last_cosreg)
+        counts.append(real.sum())
+        used.append(i)
+        u.last_gate = u.last_cosreg = None
+    if not used:
+        return ce, ce, None
+    counts_ = torch.stack(counts)
+    means = global_means(torch.cat([torch.stack(gates), torch.stack(cos)]), torch.cat([counts_, counts_]))
+    e_units, cos = means[: len(used)], means[len(used) :].mean()
+    if weights is None:
+        e_bar = e_units.mean()
+    else:
+        wts = torch.tensor([weights[i] for i in used], dtype=e_units.dtype)
+        e_bar = (e_units * wts).sum() / wts.sum()
+    loss = ce + config.sparsity_weight * (config.exec_target - e_bar).abs() + config.cos_weight * cos
+    return loss, ce, e_bar
 
 
 def _snapshot(state: RouterTrainState, routers, optimizer) -> RouterTrainState:

@@ -1,0 +1,104 @@
+"""irc convert on 2 processes (gloo, CPU, file rendezvous) equals 1 process with the same global batch.
+
+The configuration's batch is the global batch: 2 processes take one row each of
+every router-training batch, one process both rows. Routers, forecasters and
+calibrated thresholds agree within ``DISTRIBUTED_ATOL`` (the summation order of
+the ranks' partial sums is the only difference), and a 2-process run killed after
+a router checkpoint resumes with 1 process to the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from irc.train.convert import ConvertConfig, convert
+from tolerances import DISTRIBUTED_ATOL, PPL_REL
+
+KILLED = 3  # the exit status of a worker that "dies" after a checkpoint
+
+
+def _worker(rank: int, size: int, rendezvous: str, model: str, outs: list[str], config_dict: dict, kill_at: int):
+    """One rank: a whole conversion into ``outs[0]``, then one into ``outs[1]`` that dies (no cleanup,
+    as a kill leaves it) right after the router checkpoint at step ``kill_at``."""
+    from irc.train.convert import ConvertConfig
+    from irc.train.distributed import process_group
+
+    torch.set_num_threads(1)
+
+    def die(name, info):
+        if name == "routers-checkpoint" and info.get("step") == kill_at:
+            os._exit(KILLED)
+
+    config = ConvertConfig.from_dict(config_dict)
+    with process_group(f"file://{rendezvous}", rank=rank, size=size):
+        convert(model, outs[0], config, show_progress=False, log=lambda s: None)
+        convert(model, outs[1], config, show_progress=False, log=lambda s: None, on_stage=die)
+
+
+def _one_process(model, out, config, **kw):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker
+    try:
+        convert(model, out, config, show_progress=False, log=lambda s: None, **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _dist_config(corpus, **kw):
+    # as tests/train/test_convert.py; router init runs batches of 1 window (rank 1 idles there),
+    # the forecaster fit, calibration (3 windows: uneven shards) and evaluation shard by window
+    base = dict(sparsity=0.5, dtype="fp32", lff_rank=8, n_sink=2, lff_seq_len=64, lff_windows=4,
+                init_windows=2, router_steps=8, batch_size=2, train_seq_len=32, calib_windows=3,
+                checkpoint_every=4, eval_seq_len=64, eval_tokens=640,
+                data=str(corpus / "train.jsonl"), eval_data=str(corpus / "heldout.jsonl"))
+    return ConvertConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dirs, tiny_corpus, tmp_path_factory):
+    """One 2-process session (a whole run, then a run killed after a router checkpoint) and the
+    1-process reference with the same configuration."""
+    import torch.multiprocessing as mp
+
+    root = tmp_path_factory.mktemp("dist")
+    model, config = str(tiny_dirs["llama"]), _dist_config(tiny_corpus)
+    outs = [root / "two", root / "killed"]
+    with pytest.raises(mp.ProcessExitedException) as e:
+        mp.start_processes(_worker, args=(2, str(root / "rendezvous"), model, [str(o) for o in outs],
+                                          config.to_dict(), 4), nprocs=2, start_method="spawn")
+    assert e.value.exit_code == KILLED
+    _one_process(model, root / "one", config)
+    return {"root": root, "model": model, "config": config, "one": root / "one", "two": outs[0],
+            "killed": outs[1]}
+
+
+def _assert_close(a, b):
+    sa, sb = load_file(a / "routing.safetensors"), load_file(b / "routing.safetensors")
+    assert sa.keys() == sb.keys()
+    assert {"router", "forecaster", "threshold"} <= {k.split(".")[1] for k in sa}
+    worst = max(sa, key=lambda k: float((sa[k].double() - sb[k].double()).abs().max()))
+    assert float((sa[worst].double() - sb[worst].double()).abs().max()) <= DISTRIBUTED_ATOL, worst
+    ja, jb = (json.loads((d / "irc.json").read_text()) for d in (a, b))
+    assert ja["plan"] == jb["plan"]
+    assert ja["calibration"]["thresholds"] == jb["calibration"]["thresholds"]
+    for key in ("perplexity", "dense_perplexity"):
+        assert ja["evaluation"][key] == pytest.approx(jb["evaluation"][key], rel=PPL_REL)
+    assert ja["evaluation"]["sparsity"] == jb["evaluation"]["sparsity"]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(runs):
+    _assert_close(runs["two"], runs["one"])
+    assert not (runs["root"] / ".two.irc-work").exists()
+
+
+def test_a_killed_two_process_run_resumes_on_one(runs):
+    out = runs["killed"]
+    assert not out.exists()
+    assert (runs["root"] / ".killed.irc-work" / "routers-progress.safetensors").is_file()
+    _one_process(runs["model"], out, runs["config"], resume=True)
+    _assert_close(out, runs["one"])
