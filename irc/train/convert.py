@@ -164,7 +164,7 @@ class _Work:
 
     def __init__(self, out: Path, config: ConvertConfig, source: str, resume: bool):
         self.dir = out.parent / f".{out.name}.irc-work"
-        key = {"config": config.to_dict(), "source": source}
+        key = {"config": {k: v for k, v in config.to_dict().items() if k not in LATE_SETTINGS}, "source": source}
         meta = self.dir / "run.json"
 
         def setup():
@@ -172,6 +172,8 @@ class _Work:
                 shutil.rmtree(self.dir)
             if resume and meta.is_file():
                 recorded = self._read_json("run.json")
+                if isinstance(recorded, dict) and isinstance(recorded.get("config"), dict):
+                    recorded["config"] = {k: v for k, v in recorded["config"].items() if k not in LATE_SETTINGS}
                 if recorded != key:
                     raise UserError(f"--resume: the checkpoints in {self.dir} belong to another configuration "
                                     "or model; run without --resume to start over")
@@ -222,6 +224,17 @@ class _Work:
 
     def remove(self) -> None:
         on_main(lambda: shutil.rmtree(self.dir, ignore_errors=True))
+
+    def discard_from(self, stages: list[str]) -> None:
+        """Forget the checkpoints of ``stages`` (and router training's progress): they run again."""
+        def drop():
+            for name in stages:
+                for suffix in (".json", ".safetensors"):
+                    self.path(f"stage-{name}{suffix}").unlink(missing_ok=True)
+            if "routers" in stages:
+                self.path("routers-progress.safetensors").unlink(missing_ok=True)
+
+        on_main(drop)
 
 
 @dataclass
@@ -284,6 +297,9 @@ class Stage:
     data: Callable[[Job], None] | None = None
     restore: Callable[[Job, dict | None], None] | None = None
     checkpoint: bool = True
+    # the settings of this stage that ``--resume`` lets change (``LATE_SETTINGS``): a checkpoint
+    # whose recorded settings differ is re-run, and every stage after it
+    settings: Callable[[ConvertConfig], dict] = lambda c: {}
 
 
 # --- the stages -------------------------------------------------------------
@@ -532,20 +548,29 @@ def _learned(c: ConvertConfig) -> bool:
 
 # The job, in order. A stage runs when ``applies(config)``; each is checkpointed.
 STAGES: list[Stage] = [
-    Stage("plan", lambda c: True, _plan, ("training", "plan"), restore=_restore_plan),
+    Stage("plan", lambda c: True, _plan, ("training", "plan"), restore=_restore_plan,
+          settings=lambda c: {"lora_rank": c.plan().lora_rank}),
     Stage("lff", lambda c: c.variant in ("informed", "static-lff"), _lff, ("training", "lff"), data=_lff_data),
     Stage("init", lambda c: c.variant == "informed" and c.router_init, _init, ("training", "router_init"),
           data=_init_data),
     Stage("routers", _learned, _routers, ("training", "routers"), data=_routers_data),
     Stage("lora", lambda c: c.lora_steps > 0 and c.variant not in ("static", "static-lff"), _lora,
-          ("training", "lora"), data=_lora_data),
-    Stage("select", lambda c: c.variant == "static-lff", _select, ("training", "static_lff")),
+          ("training", "lora"), data=_lora_data,
+          settings=lambda c: {k: getattr(c, k) for k in ("lora_steps", "lora_lr", "lora_routing", "lora_distill")}),
+    Stage("select", lambda c: c.variant == "static-lff", _select, ("training", "static_lff"),
+          settings=lambda c: {"static_score_windows": c.static_score_windows}),
     Stage("calibrate", lambda c: c.variant in ("informed", "skip"), _calibrate, ("calibration",)),
     Stage("fold", lambda c: c.variant == "static-lff" or (c.fold_epsilon is not None and c.variant
                                                             in ("informed", "skip")),
-          _fold, ("fold",), restore=_restore_fold),
-    Stage("evaluate", lambda c: True, _evaluate, ("evaluation",)),
+          _fold, ("fold",), restore=_restore_fold, settings=lambda c: {"fold_epsilon": c.fold_epsilon}),
+    Stage("evaluate", lambda c: True, _evaluate, ("evaluation",),
+          settings=lambda c: {k: getattr(c, k) for k in ("eval_data", "eval_seq_len", "eval_tokens", "evaluate_dense")}),
 ]
+# What may change between a run and its --resume: the later stages' settings (LoRA, static-lff
+# scoring, folding, evaluation). The stages before the first one whose settings changed keep
+# their checkpoints; that one and every later one run again. Anything else must match.
+LATE_SETTINGS = ("lora_steps", "lora_rank", "lora_lr", "lora_routing", "lora_distill", "static_score_windows",
+                 "fold_epsilon", "eval_data", "eval_seq_len", "eval_tokens", "evaluate_dense")
 
 
 def _put(records: dict, path: tuple[str, ...], value) -> None:
@@ -598,6 +623,7 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
     job.records = {"training": {"config": config.to_dict(), "sparsity": config.sparsity,
                                 "flops_saved": config.flops_saved}}
     seconds: dict[str, float] = {}
+    rerun = False  # once a stage runs, no later checkpoint is reused
     for stage in STAGES:
         if not stage.applies(config):
             continue
@@ -605,11 +631,19 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
             stage.data(job)
         t = time.perf_counter()
         checkpoint = f"stage-{stage.name}"
-        if work.has(checkpoint + ".json"):
-            saved = work.read_json(checkpoint + ".json")
+        settings = stage.settings(config)
+        saved = work.read_json(checkpoint + ".json") if not rerun and work.has(checkpoint + ".json") else None
+        if saved is not None:
             if not isinstance(saved, dict) or not {"record", "seconds"} <= saved.keys():
                 raise UserError(f"checkpoint {work.path(checkpoint + '.json')} is corrupt (not a stage record); "
                                 "run without --resume")
+            before = saved.get("settings", {})
+            if any(before.get(k, v) != v for k, v in settings.items()):
+                changed = ", ".join(f"{k} {before.get(k)} → {v}" for k, v in settings.items() if before.get(k, v) != v)
+                log(f"stage {stage.name}: settings changed ({changed}); running it and the stages after it again")
+                work.discard_from([st.name for st in STAGES[STAGES.index(stage):]])
+                saved, rerun = None, True
+        if saved is not None:
             if stage.restore is not None:
                 stage.restore(job, saved["record"])
             if work.has(checkpoint + ".safetensors"):
@@ -621,7 +655,9 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
             seconds[stage.name] = broadcast_object(round(time.perf_counter() - t, 1))
             if job.routed is not None:
                 work.save_routing(checkpoint + ".safetensors", job.routed)
-            work.write_json(checkpoint + ".json", {"record": record, "seconds": seconds[stage.name]})
+            work.write_json(checkpoint + ".json", {"record": record, "seconds": seconds[stage.name],
+                                                   "settings": settings})
+            rerun = True  # later checkpoints (if any) came after another run of this stage
         if stage.record_at and record is not None:
             _put(job.records, stage.record_at, record)
         job.on_stage(stage.name, {})

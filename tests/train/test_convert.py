@@ -6,6 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from irc.cli import main
+from irc.errors import UserError
 from irc.train.convert import ConvertConfig, convert
 
 
@@ -124,6 +125,32 @@ def test_convert_with_lora(tiny_dirs, tiny_corpus, tmp_path, routing, distill):
     manifest = json.loads((out / "irc.json").read_text())
     assert manifest["plan"]["lora_rank"] == 4
     assert any(".lora." in k for k in load_file(out / "routing.safetensors"))
+
+
+def test_resume_with_other_lora_settings_keeps_the_routers(tiny_dirs, tiny_corpus, tmp_path):
+    """--resume after changing only later stages' settings (here LoRA's) reuses the checkpoints
+    before them and equals an uninterrupted run with the new settings; other changes are refused."""
+    model = str(tiny_dirs["llama"])
+    first = _config(tiny_corpus, lora_steps=3, lora_rank=4, lora_lr=1e-2)
+    second = _config(tiny_corpus, lora_steps=4, lora_rank=4, lora_lr=5e-3, lora_routing="threshold")
+    whole = tmp_path / "whole"
+    convert(model, whole, second, show_progress=False, log=lambda s: None)
+
+    def interrupt(name, info):
+        if name == "calibrate":
+            raise Interrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(Interrupt):
+        convert(model, out, first, show_progress=False, log=lambda s: None, on_stage=interrupt)
+    with pytest.raises(UserError, match="another configuration"):
+        convert(model, out, _config(tiny_corpus, lora_steps=3, lora_rank=4, router_steps=9), resume=True,
+                show_progress=False, log=lambda s: None)
+    lines = []
+    convert(model, out, second, resume=True, show_progress=False, log=lines.append)
+    assert "stage routers: resumed from checkpoint" in lines
+    assert any(line.startswith("stage lora: settings changed (lora_steps 3 → 4, lora_lr 0.01 → 0.005") for line in lines)
+    _same_outputs(whole, out)
 
 
 def test_bad_lora_settings_are_refused(tiny_dirs, tmp_path, capsys):
