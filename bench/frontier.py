@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -156,6 +157,7 @@ def _entry(method: str, budget: float, preset: str, summary: dict) -> dict:
 
 
 def run_convert(method: str, budget: float, preset: str, out_dir: Path) -> dict:
+    from irc.errors import UserError
     from irc.eval.flops import sparsity_for_flops
     from irc.models import load_model
     from irc.plan import RoutingPlan
@@ -175,16 +177,33 @@ def run_convert(method: str, budget: float, preset: str, out_dir: Path) -> dict:
         variant = "informed" if method.startswith("informed") else method
         config = ConvertConfig.from_preset(None, preset, flops_saved=budget, variant=variant, **overrides)
     snapshot = out_dir.parent / f".{out_dir.name}.routers.safetensors"
+    work = out_dir.parent / f".{out_dir.name}.irc-work"
+    kept = out_dir.parent / f".{out_dir.name}.pre-lora.irc-work"
 
     def keep_routers(stage: str, info: dict) -> None:
-        # the routers before LoRA, from the convert's own checkpoint (run or resumed): the paired ablation
+        # the routers before LoRA, from the convert's own checkpoint (run or resumed): the paired
+        # ablation; and the whole work directory up to there, so a row redone with other LoRA
+        # settings resumes from its routers (convert re-runs the stages whose settings changed)
         if stage == "routers" and config.lora_steps > 0:
-            import shutil
+            shutil.copyfile(work / "stage-routers.safetensors", snapshot)
+            if kept.exists():
+                shutil.rmtree(kept)
+            shutil.copytree(work, kept)
 
-            shutil.copyfile(out_dir.parent / f".{out_dir.name}.irc-work" / "stage-routers.safetensors", snapshot)
-
+    if config.lora_steps > 0 and kept.is_dir() and not work.exists():
+        print(f"    resuming from the routers kept in {kept.name}", flush=True)
+        shutil.copytree(kept, work)
     # resume=True: a row interrupted (session end, kill) continues from its checkpoints next time
-    summary = convert("smollm2-135m", out_dir, config, overwrite=True, resume=True, log=print, on_stage=keep_routers)
+    try:
+        summary = convert("smollm2-135m", out_dir, config, overwrite=True, resume=True, log=print,
+                          on_stage=keep_routers)
+    except UserError as e:
+        if "another configuration" not in str(e):
+            raise
+        print(f"    {e}: starting the row over", flush=True)
+        shutil.rmtree(work)
+        summary = convert("smollm2-135m", out_dir, config, overwrite=True, resume=True, log=print,
+                          on_stage=keep_routers)
     entry = _entry(method, budget, preset, summary)
     if config.lora_steps > 0 and snapshot.is_file():
         entry["without_lora"] = without_lora(out_dir, snapshot, config)

@@ -43,6 +43,7 @@ FOLD_EPSILON = 0.05
 
 def run_variant(name: str, model_dir: Path, snapshot: Path, steps: int | None) -> dict:
     import torch
+    from lora_reference import lora_windows
     from safetensors.torch import load_file
 
     import irc
@@ -53,7 +54,6 @@ def run_variant(name: str, model_dir: Path, snapshot: Path, steps: int | None) -
     from irc.train.convert import ConvertConfig, split_held_in
     from irc.train.fold import fold_routed
     from irc.train.lora_train import LoRATrainConfig, train_lora
-    from lora_reference import lora_windows
 
     lr, routing, distill = VARIANTS[name]
     routed = irc.load(model_dir)
