@@ -54,7 +54,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lora-distill", type=float, metavar="W",
                    help="mix KL to the dense model's next-token distribution into the LoRA loss with weight W "
                    "in [0, 1] (default: the preset's)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run "
+                   "(with any number of processes)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="run on N processes (torch.distributed, gloo): the same as `torchrun --standalone "
+                   "--nproc-per-node N -m irc convert ...`; each batch is split over the processes and the "
+                   "result equals one process's (docs/multi-gpu.md)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-dense-eval", action="store_true", help="do not evaluate the dense model")
     p.add_argument("--json", action="store_true", help="print the run's summary as one JSON object")
@@ -67,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
 
     from irc.cache import check_output
     from irc.cli.common import emit_json, info
+    from irc.errors import UserError
     from irc.train.convert import ConvertConfig, convert
+    from irc.train.distributed import launch, launched_world_size, process_group
 
     overrides = {}
     if args.router_steps is not None:
@@ -87,10 +94,17 @@ def run(args: argparse.Namespace) -> int:
         **overrides,
     )
     check_output(args.out)  # before any work
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and launched_world_size() == 1:
+        return launch(args.nproc, _without_nproc(args.argv))
     start = time.perf_counter()
     log = (lambda line: print(line, file=sys.stderr)) if args.json else info
-    summary = convert(args.model, args.out, config, resume=args.resume, overwrite=args.overwrite,
-                      show_progress=not args.json, log=log)
+    with process_group() as w:  # under torchrun: join the others (one process: nothing)
+        summary = convert(args.model, args.out, config, resume=args.resume, overwrite=args.overwrite,
+                          show_progress=not args.json, log=log)
+    if not w.is_main:
+        return 0
     if args.json:
         emit_json(summary)
         return 0
@@ -117,3 +131,16 @@ def run(args: argparse.Namespace) -> int:
     info(f"PASSED convert {time.perf_counter() - start:.1f}s sparsity={sp['overall']:.3f} "
          f"flops_saved={flops['saved']:.3f} {ppl} out={args.out}")
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line the launched processes run: this one without ``--nproc N``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out

@@ -102,3 +102,17 @@ def test_a_killed_two_process_run_resumes_on_one(runs):
     assert (runs["root"] / ".killed.irc-work" / "routers-progress.safetensors").is_file()
     _one_process(runs["model"], out, runs["config"], resume=True)
     _assert_close(out, runs["one"])
+
+
+def test_cli_nproc_relaunches_the_same_command_through_the_elastic_launcher(monkeypatch, tmp_path):
+    import irc.train.distributed as distributed
+    from irc.cli import main
+    from irc.cli.convert import _without_nproc
+
+    assert _without_nproc(["convert", "m", "--nproc", "2", "-o", "x", "--nproc=3"]) == ["convert", "m", "-o", "x"]
+    calls = []
+    monkeypatch.setattr(distributed, "launch", lambda n, argv: calls.append((n, argv)) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = str(tmp_path / "o")
+    assert main(["convert", "smollm2-135m", "-o", out, "--nproc", "2", "--sparsity", "0.25"]) == 0
+    assert calls == [(2, ["convert", "smollm2-135m", "-o", out, "--sparsity", "0.25"])]
