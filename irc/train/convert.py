@@ -611,13 +611,24 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
     on_main(check_out)
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    base = load_model(source, dtype=config.dtype)
+    # many processes: rank 0 loads first (a first run dequantises and caches the model, fetches and
+    # caches the corpus), the others then read its caches; a failure stops them all
+    first: dict = {}
+
+    def load():
+        first["base"] = base = load_model(source, dtype=config.dtype)
+        first["stream"] = token_stream(load_corpus(config.data, default_split="train"), base.tokenizer)
+
+    on_main(load)
+    base = first["base"] if w.is_main else load_model(source, dtype=config.dtype)
+    stream = first["stream"] if w.is_main else token_stream(load_corpus(config.data, default_split="train"),
+                                                            base.tokenizer)
     longest = max(config.lff_seq_len, config.train_seq_len, config.eval_seq_len)
     if base.arch.max_positions and longest > base.arch.max_positions:
         raise UserError(f"windows of {longest} tokens are longer than the model's {base.arch.max_positions} "
                         "positions; use shorter windows")
     work = _Work(out, config, str(source), resume)
-    train, calib = split_held_in(token_stream(load_corpus(config.data, default_split="train"), base.tokenizer), config)
+    train, calib = split_held_in(stream, config)
     job = Job(config=config, source=str(source), base=base, stream=train, calib=calib,
               work=work, log=log, show_progress=show_progress, on_stage=on_stage or (lambda name, info: None))
     job.records = {"training": {"config": config.to_dict(), "sparsity": config.sparsity,

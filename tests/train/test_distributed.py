@@ -50,11 +50,12 @@ def _one_process(model, out, config, **kw):
 
 
 def _dist_config(corpus, **kw):
-    # as tests/train/test_convert.py; router init runs batches of 1 window (rank 1 idles there),
-    # the forecaster fit, calibration (3 windows: uneven shards) and evaluation shard by window
+    # as tests/train/test_convert.py; router init runs batches of 1 window (one rank idles there),
+    # the forecaster fit, calibration (3 windows: uneven shards) and evaluation shard by window;
+    # LoRA (2 steps) shards its batches as router training does
     base = dict(sparsity=0.5, dtype="fp32", lff_rank=8, n_sink=2, lff_seq_len=64, lff_windows=4,
                 init_windows=2, router_steps=8, batch_size=2, train_seq_len=32, calib_windows=3,
-                checkpoint_every=4, eval_seq_len=64, eval_tokens=640,
+                checkpoint_every=4, eval_seq_len=64, eval_tokens=640, lora_steps=2, lora_rank=4,
                 data=str(corpus / "train.jsonl"), eval_data=str(corpus / "heldout.jsonl"))
     return ConvertConfig(**{**base, **kw})
 
@@ -80,7 +81,7 @@ def runs(tiny_dirs, tiny_corpus, tmp_path_factory):
 def _assert_close(a, b):
     sa, sb = load_file(a / "routing.safetensors"), load_file(b / "routing.safetensors")
     assert sa.keys() == sb.keys()
-    assert {"router", "forecaster", "threshold"} <= {k.split(".")[1] for k in sa}
+    assert {"router", "forecaster", "threshold", "lora"} <= {k.split(".")[1] for k in sa}
     worst = max(sa, key=lambda k: float((sa[k].double() - sb[k].double()).abs().max()))
     assert float((sa[worst].double() - sb[worst].double()).abs().max()) <= DISTRIBUTED_ATOL, worst
     ja, jb = (json.loads((d / "irc.json").read_text()) for d in (a, b))
