@@ -45,6 +45,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kv-policy", default="keep", choices=["keep", "drop"])
     p.add_argument("--no-router-init", action="store_true", help="skip stage 2 (router init from LFF error)")
     p.add_argument("--router-steps", type=int, help="override the preset's router training steps")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="windows per step of router training and LoRA, over all processes (default: the "
+                   "preset's, quick 2, standard 4); with --nproc N it must be at least N")
     p.add_argument("--lora-steps", type=int,
                    help="after router training, train LoRA (rank 16, α 32, q/v/gate) for N steps, routers frozen "
                    "(default: the preset's, quick 0, standard 50; 0 skips it)")
@@ -81,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         overrides["router_steps"] = args.router_steps
     if args.lora_steps is not None:
         overrides["lora_steps"] = args.lora_steps
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+        overrides["batch_size"] = args.batch_size
     if args.lora_routing is not None:
         overrides["lora_routing"] = args.lora_routing
     if args.lora_distill is not None:
@@ -97,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and launched_world_size() == 1:
+        if args.nproc > config.batch_size and config.variant not in ("static", "static-lff"):
+            raise UserError(f"--nproc {args.nproc}: a batch of {config.batch_size} rows cannot be split over "
+                            f"{args.nproc} processes; pass --batch-size {args.nproc} (or more) or fewer processes")
         return launch(args.nproc, _without_nproc(args.argv))
     start = time.perf_counter()
     log = (lambda line: print(line, file=sys.stderr)) if args.json else info

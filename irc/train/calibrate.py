@@ -113,7 +113,7 @@ def _all_margins(margins: dict[str, list[torch.Tensor]], T: int, w) -> dict[str,
     if not w.distributed:
         return {name: torch.cat(m) for name, m in margins.items()}
     local = [torch.cat(m).reshape(-1) if m else torch.zeros(0) for m in margins.values()]
-    return {name: g.reshape(-1, T) for name, g in zip(margins, all_gather_cat(local))}
+    return {name: g.reshape(-1, T) for name, g in zip(margins, all_gather_cat(local), strict=True)}
 
 
 def _unit_targets(free: dict[str, torch.Tensor], target: float, sink_share: float) -> dict[str, float]:

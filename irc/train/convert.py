@@ -609,6 +609,10 @@ def convert(source: str, out: str | Path, config: ConvertConfig, *, resume: bool
             raise UserError(f"{out} already exists; choose another directory or pass --overwrite")
 
     on_main(check_out)
+    if w.size > config.batch_size and (_learned(config) or config.lora_steps > 0):
+        raise UserError(f"a batch of {config.batch_size} rows cannot be split over {w.size} processes (each "
+                        f"needs a row of every training batch); use at most {config.batch_size} processes or a larger "
+                        "--batch-size")
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     # many processes: rank 0 loads first (a first run dequantises and caches the model, fetches and

@@ -45,7 +45,6 @@ import torch
 
 from irc.errors import UserError
 
-
 # --- the process group ------------------------------------------------------
 
 
@@ -142,7 +141,7 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
         by_dtype.setdefault(t.dtype, []).append(i)
-    for dtype, idx in by_dtype.items():
+    for idx in by_dtype.values():
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
         dist.all_reduce(flat)
         offset = 0
@@ -184,7 +183,7 @@ def all_reduce_grads(params: list[torch.Tensor]) -> None:
     if not world().distributed:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    for p, g in zip(params, all_reduce_sum(grads)):
+    for p, g in zip(params, all_reduce_sum(grads), strict=True):
         p.grad = g.to(p.dtype)
 
 
@@ -208,7 +207,7 @@ def all_gather_cat(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     gathered = [torch.zeros_like(flat) for _ in range(w.size)]
     dist.all_gather(gathered, flat)
     out: list[list[torch.Tensor]] = [[] for _ in parts]
-    for rank_flat, rank_lengths in zip(gathered, all_lengths):
+    for rank_flat, rank_lengths in zip(gathered, all_lengths, strict=True):
         offset = 0
         for i, n in enumerate(rank_lengths.tolist()):
             out[i].append(rank_flat[offset : offset + n])

@@ -16,7 +16,6 @@ import torch
 def held_in_fractions(routed, windows: torch.Tensor) -> dict[str, float]:
     """Each dynamic unit's execute fraction over the non-sink tokens of ``windows`` (threshold mode)."""
     from irc.eval.routed import inference_mode
-
     from irc.train.distributed import shard, sum_unit_counters
 
     inference_mode(routed)

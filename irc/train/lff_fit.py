@@ -117,7 +117,7 @@ def _solve_distributed(units: dict, moments: dict, ridge: float, w) -> dict[str,
             m.xtx, m.xty = flat[:k1].view_as(m.xtx), flat[k1 : k1 + k2].view_as(m.xty)
             m.yty, m.n = float(flat[-2]), int(flat[-1])
             stats[name] = _solve(unit.forecaster, m, ridge)
-    for i, (name, unit) in enumerate(units.items()):
+    for i, unit in enumerate(units.values()):
         broadcast_tensors(list(unit.forecaster.state_dict().values()), src=i % w.size)
     gathered = [None] * w.size
     dist.all_gather_object(gathered, stats)

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 import torch
 
 from irc.progress import progress
-from irc.train.distributed import all_reduce_grads, global_means, require_rows, shard, sharded_gumbel, world
+from irc.train.distributed import (
+    all_reduce_grads,
+    global_means,
+    require_rows,
+    shard,
+    sharded_gumbel,
+    world,
+)
 from irc.train.losses import lm_loss, routing_terms
 
 

@@ -107,7 +107,7 @@ def _sharded_step(routed, units: dict, mine: torch.Tensor, observed: list, spars
     lengths = all_gather_cat([torch.tensor([float(len(err))]) for _, _, err in ordered])  # [N] per unit
     rank = world().rank
     means = []  # each unit's mean BCE over this rank's tokens
-    for (unit, a, err), full, per_rank in zip(ordered, everyone, lengths):
+    for (unit, a, err), full, per_rank in zip(ordered, everyone, lengths, strict=True):
         if a is None or len(err) == 0:
             means.append(torch.zeros(()))
             continue

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from irc.train.convert import ConvertConfig, convert
+
 from tolerances import DISTRIBUTED_ATOL, PPL_REL
 
 KILLED = 3  # the exit status of a worker that "dies" after a checkpoint
@@ -117,3 +118,10 @@ def test_cli_nproc_relaunches_the_same_command_through_the_elastic_launcher(monk
     out = str(tmp_path / "o")
     assert main(["convert", "smollm2-135m", "-o", out, "--nproc", "2", "--sparsity", "0.25"]) == 0
     assert calls == [(2, ["convert", "smollm2-135m", "-o", out, "--sparsity", "0.25"])]
+
+
+def test_cli_nproc_needs_a_row_of_every_batch_per_process(tmp_path, capsys):
+    from irc.cli import main
+
+    assert main(["convert", "smollm2-135m", "-o", str(tmp_path / "o"), "--nproc", "3", "--sparsity", "0.25"]) == 2
+    assert "--batch-size 3" in capsys.readouterr().err
