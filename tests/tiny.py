@@ -12,6 +12,13 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# the families of issue #13, grouped by the unit structure the routing pass learns
+# from their graphs (irc.passes.find_units): see STRUCTURES
+MORE_FAMILIES = (
+    "smollm3", "gemma", "glm", "gemma2", "gemma3_text", "olmo2", "phi3", "granite",
+    "stablelm", "cohere", "gpt_neox", "mixtral", "qwen3_moe",
+)
+ALL_FAMILIES = FAMILIES + MORE_FAMILIES
 VOCAB = 320
 
 _TEXT = (
@@ -45,7 +52,43 @@ def tiny_config(family: str):
         return Qwen2Config(**common)
     if family == "qwen3":
         return Qwen3Config(**common, head_dim=16)
-    raise ValueError(family)
+    return _more_config(family, common)
+
+
+def _more_config(family: str, common: dict):
+    from transformers import AutoConfig
+
+    c = dict(common)
+    extra: dict = {}
+    if family == "smollm3":
+        extra = dict(no_rope_layers=[1, 0])  # layer 1 without rotary embeddings
+    elif family in ("gemma", "gemma2", "gemma3_text"):
+        extra = dict(head_dim=16)
+        if family != "gemma":
+            extra.update(sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                         query_pre_attn_scalar=16)
+        if family == "gemma2":
+            # Gemma2 runs eager attention (SDPA has no logit soft-capping): matmul, tanh, softmax
+            extra.update(attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    elif family == "glm":
+        extra = dict(head_dim=16)
+    elif family == "granite":
+        extra = dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                     logits_scaling=4.0)
+    elif family == "stablelm":
+        extra = dict(use_qkv_bias=True)
+    elif family == "cohere":
+        extra = dict(logit_scale=0.5)
+    elif family == "gpt_neox":
+        c.pop("num_key_value_heads")
+        extra = dict(use_parallel_residual=True)
+    elif family == "mixtral":
+        extra = dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    elif family == "qwen3_moe":
+        extra = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)
+    elif family not in ("olmo2", "phi3"):
+        raise ValueError(family)
+    return AutoConfig.for_model(family, **c, **extra)
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:

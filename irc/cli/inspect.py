@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     extra += f" {'held-in e':>9}" if evidence else ""
     wide = 16 if routed.folded else 6
     info(f"{'layer':>5}  {'unit':<5} {'routed':<{wide}} {'router':>9} {'LFF':>9} "
-         f"{'MFLOP/tok dense':>16} {f'routed @ e={e:.2f}':>16}{extra}")
+         f"{'MFLOP/tok dense':>16} {f'routed @ e={e:.2f}':>16}{extra}  structure")
     for r in rows:
         got = achieved.get(r.name)
         cell = (f" {got:>10.2f}" if got is not None else f" {'–':>10}") if achieved else ""
@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         status = f"folded: {r.folded}" if r.folded else "yes" if r.routed else "no"
         router = fmt_int(r.router_params) if not r.folded else ""
         info(f"{r.layer:>5}  {r.kind:<5} {status:<{wide}} {router:>9} "
-             f"{fmt_int(r.lff_params):>9} {r.dense_flops / 1e6:>16.2f} {r.routed_flops / 1e6:>16.2f}{cell}")
+             f"{fmt_int(r.lff_params):>9} {r.dense_flops / 1e6:>16.2f} {r.routed_flops / 1e6:>16.2f}{cell}"
+             f"  {r.structure}")
     lead = 27 + wide
     info(f"{'LM head':<{lead}} {routed.arch.head_flops() / 1e6:>16.2f} {routed.arch.head_flops() / 1e6:>16.2f}")
     info(f"{'total (T=' + str(args.seq_len) + ')':<{lead}} {dense / 1e6:>16.2f} {after / 1e6:>16.2f}  "

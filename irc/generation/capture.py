@@ -43,9 +43,12 @@ class DecodeStep(torch.nn.Module):
         self.m = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
-        from transformers.cache_utils import DynamicCache
+        from transformers.cache_utils import DynamicCache, DynamicLayer
 
         cache = DynamicCache(config=self.m.config)
+        # a sliding-window layer (Gemma 2/3) would keep only its last window of keys; the graph
+        # keeps all P + T and lets the model's sliding mask hide the rest, as prefill does
+        cache.layers = [layer if type(layer) is DynamicLayer else DynamicLayer() for layer in cache.layers]
         for i, layer in enumerate(cache.layers):
             layer.keys, layer.values = past[2 * i], past[2 * i + 1]
             layer.is_initialized = True

@@ -74,6 +74,7 @@ class UnitRow:
     routed_flops: float
     folded: str | None = None  # "forecast" | "plain" for a folded unit (routed is False: no router)
     held_in_execute: float | None = None  # the execute fraction the fold was decided on
+    structure: str = ""  # the unit structure the pass found: "pre-norm,post-norm", "pre-norm,moe", ...
 
 
 def unit_table(routed, sparsity: float, seq_len: int) -> list[UnitRow]:
@@ -102,5 +103,6 @@ def unit_table(routed, sparsity: float, seq_len: int) -> list[UnitRow]:
                 continue
             lff = sum(p.numel() for p in unit.forecaster.parameters()) if unit.forecaster is not None else 0
             rows.append(UnitRow(name, layer, kind, True, sum(p.numel() for p in unit.router.parameters()),
-                                lff, f.dense, f.routed, None, evidence.get(name)))
+                                lff, f.dense, f.routed, None, evidence.get(name),
+                                ",".join(getattr(unit, "structure", ()))))
     return rows

@@ -1,4 +1,4 @@
-"""Drop dtype conversions that convert nothing, and tensor-metadata asserts.
+"""Drop dtype conversions that convert nothing, eval-mode dropouts, and tensor-metadata asserts.
 
 Why this is valid: ``x.to(torch.float32)`` on a float32 tensor returns ``x``
 itself, so eager code that later reads ``x`` and code that reads the
@@ -8,7 +8,9 @@ conversion node. In an fp32 Llama the residual add then reads the first node
 of the next RMSNorm (``add(to_7, o_proj)``), which hides the residual stream
 from unit discovery. Replacing such a node by its input restores the data flow
 of the source. ``_assert_tensor_metadata`` nodes only re-check dtypes the
-capture already fixed.
+capture already fixed. ``dropout(x, p, train=False)`` returns ``x``: Phi-3,
+StableLM and GPT-NeoX wrap each unit's output in a dropout module, which would
+otherwise stand between the unit and its residual add.
 
 Before::                              After::
 
@@ -32,6 +34,14 @@ _CONVERSIONS = {
     torch.ops.aten._to_copy.default,
 }
 _ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
+_DROPOUTS = {torch.ops.aten.dropout.default}
+
+
+def _is_eval_dropout(node: Node) -> bool:
+    if node.target not in _DROPOUTS or not node.args or not isinstance(node.args[0], Node):
+        return False
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+    return train is False
 
 
 def _is_noop(node: Node) -> bool:
@@ -46,7 +56,7 @@ def _is_noop(node: Node) -> bool:
 
 
 def drop_noop_conversions(gm: GraphModule) -> PassResult:
-    dropped = asserts = 0
+    dropped = asserts = dropouts = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -57,6 +67,11 @@ def drop_noop_conversions(gm: GraphModule) -> PassResult:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             dropped += 1
+        elif _is_eval_dropout(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            dropouts += 1
     gm.graph.lint()
     gm.recompile()
-    return PassResult(gm, bool(dropped or asserts), {"conversions": dropped, "asserts": asserts})
+    return PassResult(gm, bool(dropped or asserts or dropouts),
+                      {"conversions": dropped, "asserts": asserts, "dropouts": dropouts})

@@ -36,10 +36,14 @@ def outline(
     nodes: list[Node],
     output: Node | tuple[Node, ...],
     *,
-    strip_prefix: str = "",
+    strip_prefix: str | tuple[str, ...] = "",
     class_name: str = "Outlined",
 ) -> Outlined:
-    """Outline ``nodes`` (topologically sorted) whose result is ``output`` (a node or a tuple)."""
+    """Outline ``nodes`` (topologically sorted) whose result is ``output`` (a node or a tuple).
+
+    ``strip_prefix``: the module path(s) taken off weight names, the first that matches.
+    """
+    prefixes = (strip_prefix,) if isinstance(strip_prefix, str) else strip_prefix
     region = set(nodes)
     graph = Graph()
     env: dict[Node, Node] = {}
@@ -47,8 +51,10 @@ def outline(
     attrs: dict[str, torch.Tensor] = {}
 
     def short(target: str) -> str:
-        name = target[len(strip_prefix) + 1 :] if strip_prefix and target.startswith(strip_prefix + ".") else target
-        return name
+        for prefix in prefixes:
+            if prefix and target.startswith(prefix + "."):
+                return target[len(prefix) + 1 :]
+        return target
 
     def remap(n: Node) -> Node:
         if n in env:
@@ -68,6 +74,9 @@ def outline(
         if n not in region:
             continue
         env[n] = graph.node_copy(n, remap)
+    for o in output if isinstance(output, tuple) else (output,):
+        if o not in env:  # a region that returns its input (an identity: a unit without a pre-norm)
+            remap(o)
     graph.output(tuple(env[o] for o in output) if isinstance(output, tuple) else env[output])
     module = GraphModule(_AttrRoot(attrs), graph, class_name=class_name)
     graph.lint()

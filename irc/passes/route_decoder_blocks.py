@@ -36,6 +36,7 @@ from irc.nn.routed_unit import RoutedUnit
 from irc.nn.router import Router
 from irc.nn.tokens import HIDDEN, ArgRole, role_of
 from irc.passes.find_units import Unit, _inside, find_units, module_path
+from irc.passes.localize_sizes import localize_sizes
 from irc.passes.outline import outline
 from irc.passes.result import PassResult
 from irc.passes.split_attention import split_attention
@@ -47,6 +48,8 @@ log = logging.getLogger("irc.passes")
 def route_decoder_blocks(gm: GraphModule, plan: RoutingPlan) -> PassResult:
     """Replace the units ``plan`` selects by routed modules; returns the modified ``gm``."""
     batch_sym, seq_sym, mask_input = _inputs(gm)
+    # outlining needs each size expression owned by one unit (MoE graphs share them across layers)
+    localize_sizes(gm)
     units = find_units(gm)
     before = len(gm.graph.nodes)
     routed: list[str] = []
@@ -99,11 +102,15 @@ def _dtype(nodes: list[Node]) -> torch.dtype:
 
 def _route_unit(gm, unit: Unit, plan: RoutingPlan, mask_input, batch_sym, seq_sym) -> str:
     where = f"layer {unit.layer} {unit.kind} ({unit.path})"
+    # without a pre-norm (Olmo2) the norm is the identity: the body reads the stream itself
     norm = outline(gm, unit.norm_nodes, unit.hidden, strip_prefix=unit.norm_path, class_name="Norm")
     if norm.inputs != [unit.residual]:
         raise UserError(f"{where}: the norm reads more than the residual stream")
+    if unit.kind == "mlp":
+        _sizes_from_hidden(unit)
     body_output = (unit.output, *unit.cache_outputs) if unit.cache_outputs else unit.output
-    body = outline(gm, unit.body_nodes, body_output, strip_prefix=unit.path,
+    # a post-norm lives in a sibling module: its weights are named from the layer
+    body = outline(gm, unit.body_nodes, body_output, strip_prefix=(unit.path, unit.layer_path),
                    class_name="Attention" if unit.kind == "attn" else "MLP")
     extras = [n for n in body.inputs if n is not unit.hidden]
     source = {n: (HIDDEN if n is unit.hidden else extras.index(n)) for n in body.inputs}
@@ -149,15 +156,34 @@ def _route_unit(gm, unit: Unit, plan: RoutingPlan, mask_input, batch_sym, seq_sy
         query=split.query.module if split else None,
         query_roles=query_roles,
     )
+    module.structure = unit.structure  # what the pass found (irc.passes.find_units), for inspection
     if plan.lora_rank > 0:
         from irc.nn.lora import attach_lora
 
         parts = {"body": module.body, **({"kv": module.kv, "query": module.query} if split else {})}
         module.lora = attach_lora(module, parts, plan.lora_rank, plan.lora_alpha, plan.lora_targets)
     name = f"layer{unit.layer}_{unit.kind}"
+    # a parallel layer's units share their pre-norm: the first one routed leaves it to the other
     _replace(gm, name, module, unit.residual, mask_input, extras, unit.output, unit.add,
-                    unit.norm_nodes + unit.body_nodes, cache_outputs=unit.cache_outputs)
+             unit.norm_nodes + unit.body_nodes, cache_outputs=unit.cache_outputs, shared=unit.norm_nodes)
     return name
+
+
+def _sizes_from_hidden(unit: Unit) -> None:
+    """Read an MLP's sizes off its own hidden state (an MoE block reads B and T off the mask).
+
+    An MLP runs on a flat token subset ``[1, K, D]``: every size it uses must follow that
+    input, so ``sym_size(t, d)`` of a tensor from outside the body becomes the size of the
+    hidden state's dimension carrying the same symbol.
+    """
+    body = set(unit.body_nodes)
+    dims = {str(d): i for i, d in enumerate(unit.hidden.meta["val"].shape)}
+    for n in unit.body_nodes:
+        if n.target != torch.ops.aten.sym_size.int or n.args[0] in body or n.args[0] is unit.hidden:
+            continue
+        axis = dims.get(str(n.meta.get("val")))
+        if axis is not None:
+            n.args = (unit.hidden, axis)
 
 
 def _is_decode(gm: GraphModule) -> bool:
@@ -165,13 +191,16 @@ def _is_decode(gm: GraphModule) -> bool:
 
 
 def _route_layer(gm, units: list[Unit], plan, mask_input, batch_sym, seq_sym, replaced) -> str:
-    units = sorted(units, key=lambda u: list(gm.graph.nodes).index(u.add))
-    first, last = units[0], units[-1]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    units = sorted(units, key=lambda u: order[u.add])
+    first = units[0]
+    # the layer's output: its last residual add (in a parallel layer, the sum of both terms)
+    layer_out = first.layer_output or units[-1].add
     residual = replaced.get(first.residual, first.residual)
     layer_path = first.layer_path
     where = f"layer {first.layer} ({layer_path})"
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and _inside(module_path(n), layer_path)]
-    block = outline(gm, nodes, last.add, strip_prefix=layer_path, class_name="DecoderLayer")
+    block = outline(gm, nodes, layer_out, strip_prefix=layer_path, class_name="DecoderLayer")
     if residual not in block.inputs:
         raise UserError(f"{where}: the layer does not read the residual stream {residual.name}")
     extras = [n for n in block.inputs if n is not residual]
@@ -194,12 +223,12 @@ def _route_layer(gm, units: list[Unit], plan, mask_input, batch_sym, seq_sym, re
     )
     name = f"layer{first.layer}"
     # the layer returns y itself, so the call replaces the last residual add
-    replaced[last.add] = _replace(gm, name, module, residual, mask_input, extras, last.add, None, nodes)
+    replaced[layer_out] = _replace(gm, name, module, residual, mask_input, extras, layer_out, None, nodes)
     return name
 
 
 def _replace(gm, name, module, residual, mask_input, extras, output, insert_before, region,
-             cache_outputs=()):
+             cache_outputs=(), shared=()):
     gm.add_submodule(name, module)
     anchor = insert_before if insert_before is not None else output
     with gm.graph.inserting_before(anchor):
@@ -216,7 +245,10 @@ def _replace(gm, name, module, residual, mask_input, extras, output, insert_befo
         call.meta["val"] = output.meta.get("val")
         output.replace_all_uses_with(call)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    shared = set(shared)
     for n in sorted(region, key=order.__getitem__, reverse=True):
+        if n.users and n in shared:
+            continue  # another unit still reads it
         if n.users:
             raise UserError(f"{name}: node {n.name} is still used by {next(iter(n.users)).name} "
                             "after outlining")

@@ -25,6 +25,11 @@ Before (one module)::                 After (two modules)::
     o = sdpa(q, k, v, mask)                 = o_proj(sdpa(q_sel, k, v, mask_rows))
     return o_proj(o)
 
+Eager attention (Gemma2: soft-capped scores, which SDPA cannot express) has no
+SDPA node; it is cut the same way at its two products: the keys are the second
+operand of the ``matmul`` that produces the scores feeding the one ``softmax``,
+the values the second operand of the ``matmul`` that reads the probabilities.
+
 A decode capture's attention also returns its present keys and values (the past
 ones concatenated with the new tokens'): they depend on the key/value path only,
 so ``kv`` returns them too, ``(k, v, *present)``, computed for every new token.
@@ -41,6 +46,8 @@ from irc.errors import UserError
 from irc.passes.outline import Outlined, outline
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default}
+_MATMUL = {torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
 
 
 @dataclass
@@ -77,21 +84,53 @@ def _placeholders_above(node: Node) -> set[Node]:
     return found
 
 
+def _is_4d(p: Node) -> bool:
+    return isinstance(p.meta.get("val"), torch.Tensor) and p.meta["val"].dim() == 4
+
+
+def _core(graph, where: str) -> tuple[Node, Node, list[Node]]:
+    """The keys and values the attention's score rows read, and its mask placeholder(s)."""
+    sdpas = [n for n in graph.nodes if n.op == "call_function" and n.target == SDPA]
+    if len(sdpas) == 1:
+        sdpa = sdpas[0]
+        k, v = sdpa.args[1:3]
+        mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+        if mask is None or sdpa.kwargs.get("is_causal"):
+            raise UserError(f"{where}: attention without an explicit mask ({sdpa.name}) is not supported")
+        return k, v, [p for p in _placeholders_above(mask) if _is_4d(p)]
+    softmaxes = [n for n in graph.nodes if n.op == "call_function" and n.target in _SOFTMAX]
+    if sdpas or len(softmaxes) != 1:
+        raise UserError(f"{where}: expected one scaled_dot_product_attention node or one softmax of "
+                        f"eager attention, found {len(sdpas)} and {len(softmaxes)}")
+    softmax = softmaxes[0]
+    scores = _nearest(softmax, lambda n: n.all_input_nodes, _MATMUL)
+    weighted = _nearest(softmax, lambda n: list(n.users), _MATMUL)
+    if scores is None or weighted is None or len(scores.args) < 2 or len(weighted.args) < 2:
+        raise UserError(f"{where}: cannot find the score and value products around {softmax.name}")
+    k, v = scores.args[1], weighted.args[1]
+    # the mask enters the scores between the two products, not through the keys
+    masks = _placeholders_above(softmax) - _placeholders_above(k) - _placeholders_above(scores.args[0])
+    return k, v, [p for p in masks if _is_4d(p)]
+
+
+def _nearest(start: Node, step, targets) -> Node | None:
+    seen, todo = set(), list(step(start))
+    while todo:
+        n = todo.pop(0)
+        if n in seen or n.op != "call_function":
+            continue
+        seen.add(n)
+        if n.target in targets:
+            return n
+        todo.extend(step(n))
+    return None
+
+
 def split_attention(attn: GraphModule, where: str) -> AttentionSplit:
     graph = attn.graph
-    sdpas = [n for n in graph.nodes if n.op == "call_function" and n.target == SDPA]
-    if len(sdpas) != 1:
-        raise UserError(f"{where}: expected one scaled_dot_product_attention node, found {len(sdpas)} "
-                        "(load the model with the default 'sdpa' attention implementation)")
-    sdpa = sdpas[0]
-    q, k, v = sdpa.args[:3]
-    mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
-    if mask is None or sdpa.kwargs.get("is_causal"):
-        raise UserError(f"{where}: attention without an explicit mask ({sdpa.name}) is not supported")
-    mask_inputs = [p for p in _placeholders_above(mask)
-                   if isinstance(p.meta.get("val"), torch.Tensor) and p.meta["val"].dim() == 4]
+    k, v, mask_inputs = _core(graph, where)
     if len(mask_inputs) != 1:
-        raise UserError(f"{where}: cannot tell which input of {sdpa.name} is the attention mask")
+        raise UserError(f"{where}: cannot tell which input of the attention is its mask")
     output = graph.output_node().args[0]
     cache: tuple[Node, ...] = ()
     if isinstance(output, tuple):  # decode capture: (out, *present keys and values)
