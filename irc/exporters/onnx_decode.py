@@ -25,6 +25,27 @@ manifest's ``cache.sink_slots`` names those tensors. Routing in the file:
 ONNX Runtime has generated from sample prompts (an odd length, a left-padded
 batch) the same tokens as PyTorch, greedy, with logits within ``FP32_ATOL``;
 a mismatch leaves no file. ``OrtDecoder`` runs the file in ``irc.generation.generate``.
+
+The KV cache in ONNX Runtime (``OrtDecoder``, ``GenerationConfig.kv_cache``):
+
+- ``static`` (the default of ``generate``): I/O binding. The cache never leaves ONNX
+  Runtime: each step binds the previous step's ``present.*`` OrtValues as its
+  ``past.*`` inputs (``bind_ortvalue_input``) and lets ORT allocate the new presents
+  on the session's device (``bind_output``); only the logits come back as an array.
+  No numpy array of the cache is made, fed or converted, and on a GPU provider the
+  cache stays in device memory: without binding every step copies the whole past
+  host→device and the whole present device→host (2 · cache bytes over the bus).
+- ``copy``: ``session.run`` with numpy arrays (the cache round-trips through numpy;
+  on the CPU provider ORT 1.32 wraps inputs and outputs without copying them).
+
+What binding cannot remove: the file's ``present = Concat(past, new)`` per layer
+copies the P past positions into the new present inside ORT (2 · L · B · Hkv · (P+T)
+· hd · 4 bytes per step). Binding ``present.*`` onto the ``past.*`` buffers
+(``bind_ortvalue_output``) needs a graph that writes in place into a fixed-capacity
+buffer (ScatterND / opset-24 ``TensorScatter`` at a write position, attention over
+the capacity under the mask, positions from an input rather than from the past's
+length): a different capture of the decode step, not done here. The torch decoder
+does write in place (``irc.generation.static_cache``).
 """
 
 from __future__ import annotations
@@ -277,10 +298,23 @@ class OrtDecoder:
         self.cache_names = [i.name for i in inputs[2:]]
         self.kv_heads, self.head_dim = inputs[2].shape[1], inputs[2].shape[3]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # I/O binding (kv_cache="static"): the cache lives where the session computes
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.binding = self.session.io_binding()
 
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
-        """Length-0 past keys and values: right for full-length and sink-slot layers alike."""
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.cache_names]
+    def empty_cache(self, batch: int, capacity: int | None = None) -> list:
+        """Length-0 past keys and values: right for full-length and sink-slot layers alike.
+
+        ``capacity`` given (``kv_cache="static"``): OrtValues, so ``step`` runs with I/O
+        binding and keeps the cache in ORT (see the module doc; the capacity itself is
+        not needed: the file's presents are allocated by ORT). None: numpy arrays, ``run``.
+        """
+        empty = [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.cache_names]
+        if capacity is None:
+            return empty
+        import onnxruntime as ort
+
+        return [ort.OrtValue.ortvalue_from_numpy(e, self.device, 0) for e in empty]
 
     def cache_slots(self) -> list[int | None]:
         """Per cache tensor: its sink slots where it keeps only those (the manifest says), else None."""
@@ -288,11 +322,30 @@ class OrtDecoder:
         return [sink_slots.get(name) for name in self.cache_names]
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: list):
+        """Logits ``[B, T, V]`` and the present cache: OrtValues if ``past`` holds OrtValues
+        (I/O binding), else numpy arrays."""
         feeds = {"input_ids": input_ids.numpy().astype(np.int64),
                  "attention_mask": attention_mask.numpy().astype(np.int64)}
+        if past and not isinstance(past[0], np.ndarray):
+            return self._bound_step(feeds, past)
         feeds.update(zip(self.cache_names, past, strict=True))
         logits, *present = self.session.run(self.output_names, feeds)
         return torch.from_numpy(logits), present
+
+    def _bound_step(self, feeds: dict, past: list):
+        binding = self.binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, value in zip(self.cache_names, past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")  # the one output that leaves ORT
+        for name in self.output_names[1:]:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()
+        return torch.from_numpy(logits.numpy()), present
 
     def reset_stats(self) -> None:
         pass

@@ -21,6 +21,12 @@ next ``decoder_for``. A forecast-folded attention unit keeps its KV cache at its
 sink slots only (``irc.passes.compact_sink_caches``): its past and present hold
 min(n_sink, P) and min(n_sink, P+T) positions, not P and P+T; ``cache_slots()``
 says which cache tensors are so, ``kv_cache_bytes`` what that saves.
+
+The cache appends of the graph write in place into a static cache
+(``irc.passes.static_kv_cache``, ``irc.generation.static_cache``):
+``empty_cache(B, capacity=M)`` returns views of preallocated ``[B, Hkv, M, hd]``
+buffers (sink-slot layers excepted) and ``step`` writes each step's new keys and
+values there instead of copying the past; ``empty_cache(B)`` is the copying cache.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 from torch.fx import GraphModule
 
 from irc.errors import UserError
+from irc.generation import static_cache
 from irc.generation.capture import cache_shape, capture_decode, empty_cache
 from irc.nn.cached_unit import StepHint
 from irc.passes.compact_sink_caches import compact_sink_caches, compacted_slots
@@ -40,6 +47,7 @@ from irc.passes.drop_noop_conversions import drop_noop_conversions
 from irc.passes.fold_static_routes import fold_static_routes
 from irc.passes.pipeline import run_passes
 from irc.passes.route_decoder_blocks import folded_modules, route_decoder_blocks, routed_modules
+from irc.passes.static_kv_cache import restore_cat, static_kv_cache
 
 _SETTINGS = ("mode", "sparse", "tau", "capacity", "record")
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -78,9 +86,20 @@ class Decoder:
     def execute_fractions(self) -> dict[str, float | None]:
         return {name: u.execute_fraction for name, u in self.units.items()}
 
-    def empty_cache(self, batch: int, device="cpu") -> list[torch.Tensor]:
-        """Length-0 past keys and values: right for full-length and sink-slot layers alike."""
-        return empty_cache(self.routed.base.model.config, batch, self.routed.base.dtype, device)
+    def empty_cache(self, batch: int, device="cpu", capacity: int | None = None) -> list[torch.Tensor]:
+        """Length-0 past keys and values: right for full-length and sink-slot layers alike.
+
+        ``capacity`` M: a static cache, each full-length tensor a view of a preallocated
+        ``[B, Hkv, M, hd]`` buffer that steps write in place (``irc.generation.static_cache``);
+        None: the copying cache (every step returns new tensors).
+        """
+        config, dtype = self.routed.base.model.config, self.routed.base.dtype
+        if capacity is None:
+            return empty_cache(config, batch, dtype, device)
+        _, kv_heads, head_dim = cache_shape(config)
+        return [empty_cache(config, batch, dtype, device)[0] if slots is not None else
+                static_cache.allocate(batch, kv_heads, capacity, head_dim, dtype, device)
+                for slots in self.cache_slots()]
 
     def cache_slots(self) -> list[int | None]:
         """Per cache tensor: its sink slots where it keeps only those, None where it grows with the context."""
@@ -100,7 +119,7 @@ class Decoder:
         finally:
             for unit in units:
                 unit.step_hint = None
-        return logits, present
+        return logits, static_cache.adopt(past, present)  # a rebuilt present back into its static buffer
 
     def _unit_list(self) -> list:
         if getattr(self, "_units", None) is None:
@@ -116,8 +135,10 @@ def decoder_for(routed) -> Decoder:
         _DECODERS[routed.gm] = decoder
     pending = {name: how for name, how in routed.plan.folded if name not in folded_modules(decoder.gm)}
     if pending:  # folded after the decoder was built
+        restore_cat(decoder.gm)  # fold_static_routes reads a unit's cache appends as cat(past, new)
         fold_static_routes(decoder.gm, pending)
         compact_sink_caches(decoder.gm)
+        static_kv_cache(decoder.gm)
         _tie(decoder.gm, routed)
         decoder._units = None
     decoder.sync()
@@ -141,6 +162,8 @@ def build_decoder(routed) -> Decoder:
             # forecast-folded attention: a KV cache of the sink slots only, not of every token
             ("compact_sink_caches", compact_sink_caches),
         ]
+    # the cache appends write in place when the past is a static buffer's view (else: cat, as captured)
+    passes.append(("static_kv_cache", static_kv_cache))
     run_passes(gm, passes)
     _tie(gm, routed)
     return Decoder(gm=gm, routed=routed, capture_seconds=time.perf_counter() - start)

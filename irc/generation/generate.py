@@ -16,6 +16,12 @@ shorter than 4 tokens are left-padded to 4), then each step feeds the T = 1 new 
 the padding); each row stops at end-of-sequence on its own and is then fed its
 last token until every row is done (its outputs are dropped).
 
+The KV cache (``config.kv_cache``): ``static`` (default) preallocates the cache for
+the padded prompt plus ``max_new_tokens`` positions and every step writes its new
+keys and values in place (``irc.generation.static_cache``; ONNX Runtime: I/O-bound
+OrtValues, ``OrtDecoder``); ``copy`` is the functional cache, each step returning a
+new cache with the past copied into it. Both give the same logits.
+
 Legend: B batch, T prompt tokens, V vocabulary.
 """
 
@@ -100,7 +106,9 @@ def generate(
     # LoRA weights are parametrizations (W + α/r·BA): computed once for the whole generation, not per step
     with torch.no_grad(), parametrize.cached():
         start = time.perf_counter()
-        logits, past = stepper.step(input_ids, mask, stepper.empty_cache(B))
+        # static: room for the (padded) prompt and every new token; copy: a new cache every step
+        capacity = input_ids.shape[1] + config.max_new_tokens if config.kv_cache == "static" else None
+        logits, past = stepper.step(input_ids, mask, stepper.empty_cache(B, capacity=capacity))
         token = next_token(logits[:, -1], config, generator)  # [B]
         prefill_seconds = time.perf_counter() - start
         prefill_fraction = stepper.execute_fraction()

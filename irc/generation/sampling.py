@@ -11,6 +11,8 @@ import torch
 
 from irc.errors import UserError
 
+KV_CACHES = ("static", "copy")
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -19,7 +21,10 @@ class GenerationConfig:
     - ``temperature``: 0 is greedy (argmax); otherwise logits are divided by it and sampled;
     - ``top_p``: sample from the smallest set of tokens whose probability reaches p (1: all);
     - ``seed``: the sampling generator's seed (None: nondeterministic);
-    - ``stop_at_eos``: a row stops at the tokenizer's end-of-sequence token(s).
+    - ``stop_at_eos``: a row stops at the tokenizer's end-of-sequence token(s);
+    - ``kv_cache``: ``static`` (default): preallocated cache buffers that each step writes
+      in place (``irc.generation.static_cache``; ONNX Runtime: I/O binding, the cache stays
+      in ORT's OrtValues); ``copy``: each step returns a new cache, the past copied into it.
     """
 
     max_new_tokens: int = 128
@@ -27,6 +32,7 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int | None = None
     stop_at_eos: bool = True
+    kv_cache: str = "static"
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -35,6 +41,8 @@ class GenerationConfig:
             raise UserError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.kv_cache not in KV_CACHES:
+            raise UserError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
+from irc.generation.static_cache import kv_append
 from irc.nn.decode_branches import folded_step
 from irc.nn.forecaster import Forecaster
 from irc.nn.routing_state import RoutingState
@@ -238,8 +239,8 @@ class FoldedUnit(RoutingState):
                 shape[axis] = torch.sym_min(self.n_sink, context)
                 cache.append(torch.cat([past, past.new_zeros(shape)], dim=axis).narrow(axis, 0, shape[axis]).contiguous())
                 continue
-            cache.append(past if self.compact and shape[axis] == 0 else
-                         torch.cat([past, past.new_zeros(shape)], dim=axis))
+            cache.append(past if self.compact and shape[axis] == 0 else  # a static cache: written in place
+                         kv_append(past, past.new_zeros(shape), axis))
         return tuple(cache)
 
     def _forecast(self, a, where) -> torch.Tensor:
