@@ -14,7 +14,14 @@ only, a forecast-folded unit runs nothing but its forecaster past the sinks). Ea
 KV-cache bytes per token of context, dense and routed (forecast-folded attention
 layers keep their sink slots only: ``irc.generation.stats.kv_cache_bytes``).
 
+--kv-cache picks the cache machinery, the same for dense and routed
+(``GenerationConfig.kv_cache``): ``static`` (default; torch: preallocated buffers
+written in place, ``irc.generation.static_cache``; ORT: the cache kept in OrtValues
+by I/O binding), ``copy`` (each step returns a new cache, the past copied into it),
+or ``static,copy``: a row for each, interleaved like dense and routed.
+
     .venv/bin/python bench/decode_speed.py --model runs/smollm2-s25   # docs/results/decode_speed.{md,json}
+    .venv/bin/python bench/decode_speed.py --model runs/smollm2-s25 --kv-cache static,copy
 """
 
 from __future__ import annotations
@@ -48,8 +55,9 @@ def prompts(tokenizer, batch: int, length: int) -> tuple[torch.Tensor, torch.Ten
     return ids, torch.ones_like(ids)
 
 
-def run_once(model, ids, mask, new_tokens: int) -> dict:
-    result = generate(model, ids, mask, GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False))
+def run_once(model, ids, mask, new_tokens: int, kv_cache: str) -> dict:
+    result = generate(model, ids, mask, GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False,
+                                                         kv_cache=kv_cache))
     return {"tokens_per_s": result.tokens_per_s, "prefill_s": result.prefill_seconds,
             "execute_fraction": result.execute_fraction}
 
@@ -71,25 +79,31 @@ def bench_backend(backend: str, args, command: str) -> list[dict]:
     rows = []
     for batch in args.batch:
         ids, mask = prompts(routed.tokenizer, batch, args.prompt_len)
-        runs: dict[str, list[dict]] = {"dense": [], "threshold": []}
+        runs: dict[tuple[str, str], list[dict]] = {(c, m): [] for c in args.kv_cache for m in ("dense", "threshold")}
         for repeat in range(args.repeats + 1):  # the first is a warm-up
-            for mode in ("dense", "threshold"):
+            for cache, mode in runs:
                 routed.set_routing(mode, record=True)
-                r = run_once(models[mode], ids, mask, args.new_tokens)
+                r = run_once(models[mode], ids, mask, args.new_tokens, cache)
                 if repeat:
-                    runs[mode].append(r)
-        med = {m: statistics.median(r["tokens_per_s"] for r in rs) for m, rs in runs.items()}
-        row = {"backend": backend, "dtype": dtype, "batch": batch, "prompt_len": args.prompt_len,
-               "new_tokens": args.new_tokens, "dense_tokens_per_s": med["dense"],
-               "routed_tokens_per_s": med["threshold"], "speedup": med["threshold"] / med["dense"],
-               "execute_fraction": runs["threshold"][-1]["execute_fraction"],
-               "kv_bytes_per_token": {"dense": kv["dense_per_token"], "routed": kv["per_token"]}, "kv_cache": kv,
-               "dense_runs": [r["tokens_per_s"] for r in runs["dense"]],
-               "routed_runs": [r["tokens_per_s"] for r in runs["threshold"]], "command": command}
-        print(f"{backend:5s} B={batch}: dense {med['dense']:.1f} tok/s, routed {med['threshold']:.1f} tok/s "
-              f"({row['speedup']:.2f}×), execute {row['execute_fraction']}", file=sys.stderr)
-        rows.append(row)
+                    runs[cache, mode].append(r)
+        for cache in args.kv_cache:
+            rows.append(_row(backend, dtype, batch, cache, {m: runs[cache, m] for m in ("dense", "threshold")},
+                             kv, args, command))
     return rows
+
+
+def _row(backend, dtype, batch, cache, runs, kv, args, command) -> dict:
+    med = {m: statistics.median(r["tokens_per_s"] for r in rs) for m, rs in runs.items()}
+    row = {"backend": backend, "dtype": dtype, "batch": batch, "cache": cache, "prompt_len": args.prompt_len,
+           "new_tokens": args.new_tokens, "dense_tokens_per_s": med["dense"],
+           "routed_tokens_per_s": med["threshold"], "speedup": med["threshold"] / med["dense"],
+           "execute_fraction": runs["threshold"][-1]["execute_fraction"],
+           "kv_bytes_per_token": {"dense": kv["dense_per_token"], "routed": kv["per_token"]}, "kv_cache": kv,
+           "dense_runs": [r["tokens_per_s"] for r in runs["dense"]],
+           "routed_runs": [r["tokens_per_s"] for r in runs["threshold"]], "command": command}
+    print(f"{backend:5s} B={batch} {cache} cache: dense {med['dense']:.1f} tok/s, routed "
+          f"{med['threshold']:.1f} tok/s ({row['speedup']:.2f}×), execute {row['execute_fraction']}", file=sys.stderr)
+    return row
 
 
 def main() -> int:
@@ -101,10 +115,16 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kv-cache", default="static",
+                   help="static (default: written in place / I/O-bound), copy (a new cache each step), "
+                   "or static,copy: rows for both")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", default=str(ROOT / "docs/results/decode_speed"))
     args = p.parse_args()
     args.batch = [int(b) for b in args.batch.split(",")]
+    args.kv_cache = args.kv_cache.split(",")
+    for cache in args.kv_cache:
+        GenerationConfig(kv_cache=cache)  # validates
     if args.threads:
         torch.set_num_threads(args.threads)
     command = ".venv/bin/python bench/decode_speed.py " + shlex.join(sys.argv[1:])
@@ -124,13 +144,14 @@ def main() -> int:
         f"{args.repeats} interleaved runs after a warm-up. torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads, {meta['date']}. Generated by `bench/decode_speed.py`; the command is beside every figure.",
         "",
-        "| backend | dtype | B | dense tok/s | routed tok/s | speed-up | execute fraction | KV B/token dense → routed "
-        "| command |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| backend | dtype | B | KV cache | dense tok/s | routed tok/s | speed-up | execute fraction "
+        "| KV B/token dense → routed | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         e = "n/a" if r["execute_fraction"] is None else f"{r['execute_fraction']:.3f}"
-        lines.append(f"| {r['backend']} | {r['dtype']} | {r['batch']} | {r['dense_tokens_per_s']:.1f} | "
+        lines.append(f"| {r['backend']} | {r['dtype']} | {r['batch']} | {r['cache']} | "
+                     f"{r['dense_tokens_per_s']:.1f} | "
                      f"{r['routed_tokens_per_s']:.1f} | {r['speedup']:.2f}× | {e} | "
                      f"{r['kv_bytes_per_token']['dense']:,} → {r['kv_bytes_per_token']['routed']:,} | "
                      f"`{r['command']}` |")
@@ -138,7 +159,11 @@ def main() -> int:
               "does not run); its decisions are not reported (n/a).",
               "", "KV B/token: KV-cache bytes per token of context; dense: every layer's cache grows with the "
               "context (the base model); routed: a forecast-folded attention layer keeps its n_sink sink slots "
-              "only (a constant, not counted per token)."]
+              "only (a constant, not counted per token).",
+              "", "KV cache: static: torch writes each step's keys and values in place into preallocated buffers "
+              "(irc.generation.static_cache), ONNX Runtime keeps the cache in OrtValues by I/O binding (the file's "
+              "Concat still copies the past inside ORT); copy: each step returns a new cache, the past copied "
+              "into it. Dense and routed use the same machinery in every row."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.md')} and .json", file=sys.stderr)
     return 0

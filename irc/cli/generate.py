@@ -31,6 +31,10 @@ def add_parser(subparsers) -> None:
                    help="--backend ort: directory of the decode export (default: in the irc cache)")
     p.add_argument("--routing", default=None, choices=["threshold", "dense"],
                    help="threshold (default for routed models) or dense (every unit runs)")
+    p.add_argument("--kv-cache", default="static", choices=["static", "copy"],
+                   help="static (default): preallocated cache buffers written in place each step (torch), "
+                   "the cache kept in ONNX Runtime's OrtValues by I/O binding (ort); copy: each step returns "
+                   "a new cache with the past copied into it (the functional cache, for comparison)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],
                    help="compute precision (default: bf16 with torch, fp32 with ort)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end, nothing else")
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from irc.routing import is_routed_dir
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed)
+                              top_p=args.top_p, seed=args.seed, kv_cache=args.kv_cache)
     if not args.prompt:
         raise UserError("the prompt is empty")
     start = time.perf_counter()
@@ -84,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     kinds = _by_kind(result.execute_fractions)
     kv = decode_kv_bytes(routed, model, 4 if args.backend == "ort" else None)  # ORT: fp32
     if args.json:
-        emit_json({"model": args.model, "backend": args.backend, "routing": routing, "text": text,
+        emit_json({"model": args.model, "backend": args.backend, "routing": routing, "kv_cache": args.kv_cache,
+                   "text": text,
                    "prompt_tokens": int(ids.shape[1]), **result.to_dict(), "flops_per_token": flops,
                    "kv_cache_bytes": kv, "execute_by_kind": kinds, "seconds": seconds})
         return 0
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     info(f"execute     {exec_line} (while decoding)")
     info(f"FLOPs       {flops['dense'] / 1e6:.1f} → {flops['routed'] / 1e6:.1f} MFLOP/token "
          f"({100 * flops['saved']:.1f}% saved, routers and forecasters included)")
-    info(f"KV cache    {kv_cache_line(kv)}")
+    info(f"KV cache    {kv_cache_line(kv)}, {args.kv_cache}")
     frac = "n/a" if result.execute_fraction is None else f"{result.execute_fraction:.3f}"
     info(f"PASSED generate {seconds:.1f}s tokens/s {result.tokens_per_s:.1f} execute {frac} "
          f"flops saved {100 * flops['saved']:.1f}% backend={args.backend} new={result.new_tokens}")

@@ -51,19 +51,24 @@ AXIS = 2  # the position axis of [B, Hkv, M, hd]
 def allocate(batch: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
              device="cpu") -> torch.Tensor:
     """An empty past (``[B, Hkv, 0, hd]``) viewing a new ``[B, Hkv, capacity, hd]`` buffer."""
-    buffer = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+    buffer = torch.zeros(batch, kv_heads, max(capacity, 1), head_dim, dtype=dtype, device=device)
     _BUFFERS[buffer.untyped_storage().data_ptr()] = buffer
     return buffer.narrow(AXIS, 0, 0)
 
 
 def buffer_of(past: torch.Tensor) -> torch.Tensor | None:
-    """The static buffer ``past`` is a prefix view of (``buffer[:, :, :P]``), or None."""
-    if not isinstance(past, torch.Tensor) or past.dim() != 4 or _tracing(past):
+    """The static buffer ``past`` is a prefix view of (``buffer[:, :, :P]``), or None.
+
+    Called twice per layer and step: the common answers (no static buffer alive, tracing)
+    come first and cheap.
+    """
+    if not _BUFFERS or torch.compiler.is_exporting() or torch.compiler.is_compiling():
         return None
-    buffer = _BUFFERS.get(past.untyped_storage().data_ptr())
-    if buffer is None or buffer.untyped_storage().data_ptr() != past.untyped_storage().data_ptr():
+    try:
+        buffer = _BUFFERS.get(past.untyped_storage().data_ptr())
+    except (AttributeError, NotImplementedError, RuntimeError):  # not a tensor with real storage
         return None
-    if (past.stride() != buffer.stride() or past.storage_offset() != buffer.storage_offset()
+    if (buffer is None or past.stride() != buffer.stride() or past.storage_offset() != buffer.storage_offset()
             or past.shape[:AXIS] != buffer.shape[:AXIS] or past.shape[AXIS + 1:] != buffer.shape[AXIS + 1:]):
         return None
     return buffer
@@ -89,6 +94,8 @@ def adopt(past: list[torch.Tensor], present: list[torch.Tensor]) -> list[torch.T
     rebuilt (a fresh tensor) is copied into the buffer, grown to twice the length
     when it no longer fits: the next step writes in place again.
     """
+    if not _BUFFERS:  # the copying cache
+        return present
     out = []
     for p, q in zip(past, present, strict=True):
         buffer = buffer_of(p)
@@ -109,12 +116,3 @@ def _is_prefix_view(t: torch.Tensor, buffer: torch.Tensor) -> bool:
     return (t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
             and t.stride() == buffer.stride() and t.storage_offset() == buffer.storage_offset()
             and t.shape[:AXIS] == buffer.shape[:AXIS])
-
-
-def _tracing(t: torch.Tensor) -> bool:
-    """Exporting or compiling: ``kv_append`` must trace as ``cat`` (no storage to write into)."""
-    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
-        return True
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(t)
