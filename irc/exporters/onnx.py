@@ -96,12 +96,18 @@ def _translations(profile: str) -> dict:
     trt = profile == "trt"
     gather = token_gather_onnx_trt if trt else token_gather_onnx_portable
     scatter = token_scatter_onnx_trt if trt else token_scatter_onnx_portable
-    return {
+    table = {
         torch.ops.irc.token_gather.default: gather,
         torch.ops.irc.token_scatter.default: scatter,
         # routers' top-k selection (irc.nn.tokens.top_k_positions) is a stable sort
         torch.ops.aten.sort.stable: _sort_stable,
     }
+    grouped_mm = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if grouped_mm is not None:  # MoE experts (Mixtral, Qwen3-MoE): irc.exporters.onnx_moe
+        from irc.exporters.onnx_moe import grouped_mm_onnx
+
+        table[grouped_mm.default] = grouped_mm_onnx
+    return table
 
 
 def sample_inputs(vocab: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
