@@ -27,6 +27,8 @@ The cache appends of the graph write in place into a static cache
 ``empty_cache(B, capacity=M)`` returns views of preallocated ``[B, Hkv, M, hd]``
 buffers (sink-slot layers excepted) and ``step`` writes each step's new keys and
 values there instead of copying the past; ``empty_cache(B)`` is the copying cache.
+Grouped-query attention reads the cache's Hkv heads directly
+(``irc.passes.grouped_kv_attention``), not an n_rep-fold copy made every step.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from irc.nn.cached_unit import StepHint
 from irc.passes.compact_sink_caches import compact_sink_caches, compacted_slots
 from irc.passes.drop_noop_conversions import drop_noop_conversions
 from irc.passes.fold_static_routes import fold_static_routes
+from irc.passes.grouped_kv_attention import grouped_kv_attention
 from irc.passes.pipeline import run_passes
 from irc.passes.route_decoder_blocks import folded_modules, route_decoder_blocks, routed_modules
 from irc.passes.static_kv_cache import restore_cat, static_kv_cache
@@ -139,6 +142,7 @@ def decoder_for(routed) -> Decoder:
         fold_static_routes(decoder.gm, pending)
         compact_sink_caches(decoder.gm)
         static_kv_cache(decoder.gm)
+        grouped_kv_attention(decoder.gm)
         _tie(decoder.gm, routed)
         decoder._units = None
     decoder.sync()
@@ -162,8 +166,12 @@ def build_decoder(routed) -> Decoder:
             # forecast-folded attention: a KV cache of the sink slots only, not of every token
             ("compact_sink_caches", compact_sink_caches),
         ]
-    # the cache appends write in place when the past is a static buffer's view (else: cat, as captured)
-    passes.append(("static_kv_cache", static_kv_cache))
+    passes += [
+        # the cache appends write in place when the past is a static buffer's view (else: cat, as captured)
+        ("static_kv_cache", static_kv_cache),
+        # grouped-query attention reads the cache's own heads, no n_rep-fold copy per step (eager only)
+        ("grouped_kv_attention", grouped_kv_attention),
+    ]
     run_passes(gm, passes)
     _tie(gm, routed)
     return Decoder(gm=gm, routed=routed, capture_seconds=time.perf_counter() - start)

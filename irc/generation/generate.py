@@ -37,6 +37,9 @@ from torch.nn.utils import parametrize
 from irc.generation.capture import MIN_CONTEXT
 from irc.generation.sampling import GenerationConfig, next_token
 
+# new-token positions a static cache is allocated for up front (irc generate clamps to the model's)
+STATIC_NEW_TOKENS = 4096
+
 
 @dataclass
 class GenerationResult:
@@ -106,8 +109,10 @@ def generate(
     # LoRA weights are parametrizations (W + α/r·BA): computed once for the whole generation, not per step
     with torch.no_grad(), parametrize.cached():
         start = time.perf_counter()
-        # static: room for the (padded) prompt and every new token; copy: a new cache every step
-        capacity = input_ids.shape[1] + config.max_new_tokens if config.kv_cache == "static" else None
+        # static: room for the (padded) prompt and the new tokens (a longer run grows the buffers by
+        # doubling: one copy each time); copy: a new cache every step
+        capacity = input_ids.shape[1] + min(config.max_new_tokens, STATIC_NEW_TOKENS) \
+            if config.kv_cache == "static" else None
         logits, past = stepper.step(input_ids, mask, stepper.empty_cache(B, capacity=capacity))
         token = next_token(logits[:, -1], config, generator)  # [B]
         prefill_seconds = time.perf_counter() - start

@@ -9,7 +9,12 @@
 (c) a buffer too short grows once (``adopt``), then writes in place again;
 (d) the pass turns exactly the cache appends into ``kv_append`` (two per attention
     part that returns the cache), and ``restore_cat`` undoes it; while exporting,
-    ``kv_append`` is ``cat``.
+    ``kv_append`` is ``cat``;
+(e) grouped-query attention reads the cache's own heads: each attention part's
+    repeat of keys and values is ``repeat_kv`` (eagerly the cache itself) and its
+    attention ``grouped_sdpa`` (``enable_gqa``), equal to attention over the repeat.
+    (The logits above already run through it; ONNX exports trace the repeat:
+    tests/exporters/test_onnx_decode*.py.)
 
 ONNX Runtime's bound cache: tests/exporters/test_onnx_decode_cache.py.
 """
@@ -20,6 +25,7 @@ from routed_helpers import tiny_routed
 
 from irc.generation import GenerationConfig, generate, left_pad, static_cache
 from irc.generation.decoder import decoder_for
+from irc.passes.grouped_kv_attention import grouped_sdpa, repeat_kv
 from irc.passes.static_kv_cache import restore_cat, static_kv_cache
 from irc.plan import RoutingPlan
 
@@ -140,6 +146,21 @@ def test_kv_append_is_cat_elsewhere():
     assert static_cache.buffer_of(out) is not None and torch.equal(out, new)
     # a slice of a buffer that is not a prefix view is not written into
     assert static_cache.buffer_of(static_cache.buffer_of(view)[:, 1:]) is None
+
+
+def test_grouped_attention_reads_the_cache_heads(routed):
+    gm = decoder_for(routed).gm
+    repeats = {f"layer{i}_attn.{part}": 2 for i in (0, 1) for part in ("body", "kv")}
+    assert _count(gm, repeat_kv) == repeats  # keys and values
+    assert _count(gm, grouped_sdpa) == {f"layer{i}_attn.{part}": 1 for i in (0, 1) for part in ("body", "query")}
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 3, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g), \
+        torch.randn(2, 2, 7, 16, generator=g)
+    mask = torch.zeros(2, 1, 3, 7)
+    assert repeat_kv(k, 2) is k
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                            mask)
+    assert (grouped_sdpa(q, k, v, mask) - want).abs().max() <= ROUTED_EQUAL
 
 
 def _count(gm, target) -> dict[str, int]:
