@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ KILLED = 3  # the exit status of a worker that "dies" after a checkpoint
 def _worker(rank: int, size: int, rendezvous: str, model: str, outs: list[str], config_dict: dict, kill_at: int):
     """One rank: a whole conversion into ``outs[0]``, then one into ``outs[1]`` that dies (no cleanup,
     as a kill leaves it) right after the router checkpoint at step ``kill_at``."""
+    from irc.errors import UserError
     from irc.train.convert import ConvertConfig
     from irc.train.distributed import process_group
 
@@ -37,6 +39,10 @@ def _worker(rank: int, size: int, rendezvous: str, model: str, outs: list[str], 
 
     config = ConvertConfig.from_dict(config_dict)
     with process_group(f"file://{rendezvous}", rank=rank, size=size):
+        try:  # a user error met by rank 0 (OUT exists) stops every rank with rank 0's message
+            convert(model, Path(outs[0]).parent, config, show_progress=False, log=lambda s: None)
+        except UserError as e:
+            (Path(outs[0]).parent / f"error-{rank}.txt").write_text(str(e))
         convert(model, outs[0], config, show_progress=False, log=lambda s: None)
         convert(model, outs[1], config, show_progress=False, log=lambda s: None, on_stage=die)
 
@@ -96,6 +102,11 @@ def _assert_close(a, b):
 def test_two_processes_equal_one_with_the_same_global_batch(runs):
     _assert_close(runs["two"], runs["one"])
     assert not (runs["root"] / ".two.irc-work").exists()
+
+
+def test_a_user_error_on_rank_0_stops_every_rank_with_its_message(runs):
+    errors = [(runs["root"] / f"error-{rank}.txt").read_text() for rank in (0, 1)]
+    assert errors[0] == errors[1] and "already exists" in errors[0]
 
 
 def test_a_killed_two_process_run_resumes_on_one(runs):
