@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 BUDGETS = (0.10, 0.20, 0.30, 0.40)
 METHODS = ("informed-sparsity", "informed-flops", "informed-folded", "static-lff", "skip", "static", "mod")
 INFORMED = ("informed-sparsity", "informed-flops", "informed-folded", "informed-lora",
-            "informed-flops-r300", "informed-folded-r300")
+            "informed-flops-r300", "informed-folded-r300", "informed-flops-gumbel", "informed-folded-gumbel")
 FOLD_EPSILON = 0.05
 STYLE = {  # method → (label, matplotlib format)
     "informed-sparsity": ("informed, unit sparsity (paper)", "o--"),
@@ -59,6 +59,9 @@ STYLE = {  # method → (label, matplotlib format)
     # rows measured before the standard preset had its LoRA stage (300 router steps, no LoRA)
     "informed-flops-r300": ("informed, FLOP budget, 300 router steps, no LoRA", "o:"),
     "informed-folded-r300": ("informed, FLOP budget, 300 router steps, no LoRA, folded", "s:"),
+    # rows measured while the standard preset's LoRA trained under Gumbel gates at lr 3e-4
+    "informed-flops-gumbel": ("informed, FLOP budget, LoRA under Gumbel gates", "o-."),
+    "informed-folded-gumbel": ("informed, FLOP budget, LoRA under Gumbel gates, folded", "s-."),
 }
 
 
