@@ -214,8 +214,13 @@ def route(base: LoadedModel, plan: RoutingPlan | None = None, *, dump_dir: str |
         # the units whose route was found constant: plain or forecast-only, no router
         passes.append(("fold_static_routes", lambda g: fold_static_routes(g, dict(plan.folded))))
     report = run_passes(gm, passes, dump_dir)
-    return RoutedModel(gm=gm, plan=plan, base=base, passes=report, capture_nodes=captured.nodes,
-                       capture_op_counts=op_counts)
+    routed = RoutedModel(gm=gm, plan=plan, base=base, passes=report, capture_nodes=captured.nodes,
+                         capture_op_counts=op_counts)
+    if not plan.folded:  # folded units forecast by design: no dense mode to compare
+        from irc.probe import check_dense_equivalence
+
+        check_dense_equivalence(routed)  # support is decided by the graph (issue 13)
+    return routed
 
 
 def is_routed_dir(path: str | Path) -> bool:

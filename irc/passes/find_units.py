@@ -198,6 +198,11 @@ def find_units(gm: GraphModule) -> list[Unit]:
                 raise UserError(f"{layer.where(add)}: a residual add with no unit among its operands "
                                 f"({add.args[0].name}, {add.args[1].name})")
             here += [_unit_at(layer, add, term) for term in terms]
+        kinds = sorted(u.kind for u in here)
+        if kinds != ["attn", "mlp"]:
+            found = ", ".join(f"{u.kind} {u.path} (ending in {u.output.name})" for u in here)
+            raise UserError(f"layer {index} ({layer_path}): expected one attention and one MLP unit, "
+                            f"found {found}")
         readers: dict[Node, int] = {}
         for u in here:
             readers[u.residual] = readers.get(u.residual, 0) + 1

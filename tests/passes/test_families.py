@@ -104,3 +104,27 @@ def test_mlp_flops_match_the_weights_a_token_reads(family):
         assert arch.mlp_flops() == 2 * 3 * D * I
     # a fused q/k/v projection runs whole in an executed token's query path
     assert arch.fused_qkv == (family in ("gpt_neox", "phi3"))
+
+
+@pytest.mark.parametrize("family", ["olmo2", "granite", "gpt_neox", "mixtral"])  # one per structure
+def test_family_trains_and_calibrates(family):
+    from irc.train.calibrate import calibrate_thresholds
+    from irc.train.lff_fit import fit_closed_form, forecaster_errors
+    from irc.train.router_train import RouterTrainConfig, train_routers
+
+    torch.manual_seed(0)
+    _, routed = tiny_routed(family, randomize=False)
+    windows = torch.randint(3, 300, (20, 32), generator=torch.Generator().manual_seed(0))
+    fit_closed_form(routed, windows[:10], show_progress=False)
+    assert all(e < 0.95 for e in forecaster_errors(routed, windows[:10]).values())
+    state = train_routers(routed, windows[10:], RouterTrainConfig(sparsity=0.8, steps=20, batch_size=5, lr=1e-2),
+                          show_progress=False)
+    first, last = state.history[0]["exec"], state.history[-1]["exec"]
+    assert abs(last - 0.2) < abs(first - 0.2)
+    calibrate_thresholds(routed, windows[10:], 0.5, show_progress=False)
+    routed.set_routing("threshold")
+    routed.reset_stats()
+    with torch.no_grad():
+        routed(windows[10:14])
+    fractions = [u.execute_fraction for u in routed.units.values()]
+    assert 0.0 < sum(fractions) / len(fractions) < 1.0

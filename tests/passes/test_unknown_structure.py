@@ -56,10 +56,17 @@ def test_cli_exits_2_with_one_line(side_branch, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "layer 0" in err[0], err
 
 
-def test_dense_base_still_runs(side_branch):
-    # the patched model is a valid model: only the routing pass refuses it
-    from tiny import tiny_model
+def test_a_misread_structure_fails_the_dense_probe(monkeypatch):
+    # simulate a pass that outlines a unit wrongly: the probe at load time refuses the model
+    from routed_helpers import tiny_loaded
 
-    with torch.no_grad():
-        logits = tiny_model("llama")(torch.tensor([[5, 6, 7]])).logits
-    assert torch.isfinite(logits).all()
+    from irc.nn.routed_unit import RoutedUnit
+
+    forward = RoutedUnit.forward
+
+    def wrong(self, x, attention_mask, *extras):
+        return forward(self, x, attention_mask, *extras) * 1.5
+
+    monkeypatch.setattr(RoutedUnit, "forward", wrong)
+    with pytest.raises(UserError, match="does not reproduce the base model with every unit executing"):
+        irc.route(tiny_loaded("qwen2"), RoutingPlan())
