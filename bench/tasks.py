@@ -14,7 +14,8 @@ rolling windows are thousands of tokens long, last-word passages about 70, and t
 executed sink tokens weigh more in short ones). Routed models run at the dial they were saved
 with. Every metric lm-eval returns is kept with its stderr (lm-eval gives none for the
 rolling task's corpus-level perplexities). JSON and Markdown are rewritten after every
-model × task row; ``--resume`` keeps rows already measured with the same limit.
+model × task row; ``--resume`` keeps rows already measured with the same limit on the same weights
+(a routed directory's rows record the hash of its routing tensors; one replaced since is measured again).
 
     .venv/bin/python bench/tasks.py --resume        # → docs/results/tasks.{json,md}
 """
@@ -55,14 +56,27 @@ def resolve(model: str) -> str:
     return str(ROOT / model) if not Path(model).exists() and (ROOT / model).exists() else model
 
 
-def frontier_perplexity() -> dict[str, float]:
-    """``bench/frontier.py``'s perplexity (first 20,480 held-out tokens, windows of 1024) by row label."""
+def identity(model: str) -> dict:
+    """Which weights a row measured: a routed directory's creation time, the hash of its routing
+    tensors and the perplexity it recorded when made (for the frontier's points, the frontier's
+    figure). ``--resume`` redoes a row whose directory now holds another model."""
+    path = Path(resolve(model))
+    if not (path / "irc.json").is_file():
+        return {}
+    import hashlib
+
+    record = json.loads((path / "irc.json").read_text())
+    digest = hashlib.sha256((path / "routing.safetensors").read_bytes()).hexdigest()
+    return {"created": record.get("created"), "routing_sha256": digest[:16],
+            "recorded_perplexity": record.get("evaluation", {}).get("perplexity")}
+
+
+def dense_perplexity() -> float | None:
+    """``bench/frontier.py``'s dense perplexity (first 20,480 held-out tokens, windows of 1024)."""
     path = ROOT / "docs" / "results" / "frontier.json"
     if not path.is_file():
-        return {}
-    rows = json.loads(path.read_text())["rows"]
-    return {("dense" if r["method"] == "dense" else f"{r['method']}@{r['budget']:.2f}"): r["perplexity"]
-            for r in rows}
+        return None
+    return next((r["perplexity"] for r in json.loads(path.read_text())["rows"] if r["method"] == "dense"), None)
 
 
 def metrics_of(task_results: dict) -> dict:
@@ -99,7 +113,7 @@ def write(out: Path, result: dict) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     rows = {(r["model"], r["task"]): r for r in result["rows"]}
     models = list(dict.fromkeys([*result["models"], *(r["model"] for r in result["rows"])]))
-    frontier = frontier_perplexity()
+    dense_ppl = dense_perplexity()
     dense_wppl = next((r["metrics"]["word_perplexity"]["value"] for r in result["rows"]
                        if r["label"] == "dense" and r["task"] == "irc_wiki_rolling"), None)
     fmt = lambda v, f="{:.2f}": "–" if v is None else f.format(v)  # noqa: E731
@@ -129,15 +143,16 @@ def write(out: Path, result: dict) -> None:
         "unit sparsity are what the backend measured on each task's own forward passes (routers and "
         "forecasters counted, attention at the mean forward length). ± is lm-eval's stderr (it gives none "
         "for the rolling task's corpus-level perplexities). NLL × dense: the ratio of log word perplexities, "
-        "which is the ratio of mean token NLLs (every model scores the same tokens and words). Frontier ppl: "
-        "`bench/frontier.py`'s token perplexity (first 20,480 held-out tokens, windows of 1024).",
+        "which is the ratio of mean token NLLs (every model scores the same tokens and words). Recorded ppl: "
+        "the token perplexity the model recorded when made (`irc.json`; for the frontier's points the "
+        "frontier's figure: first 20,480 held-out tokens, windows of 1024; dense: the frontier's dense row).",
         "",
         "Commands, in the order they ran: " + "; ".join(f"`{c}`" for c in result["commands"])
         + f". {result['machine']}. "
         + ("Complete." if result["complete"] else "Partial: rows not yet run are missing (`--resume` adds them)."),
         "",
         "| model | preset | FLOPs saved (rolling / last word) | unit sparsity (rolling) | word perplexity "
-        "| NLL × dense | bits per byte | last-word acc | last-word perplexity | frontier ppl | time |",
+        "| NLL × dense | bits per byte | last-word acc | last-word perplexity | recorded ppl | time |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model in models:
@@ -153,7 +168,8 @@ def write(out: Path, result: dict) -> None:
             cell(model, "irc_wiki_rolling", "bits_per_byte", "{:.4f}"),
             cell(model, "irc_lastword", "acc", "{:.3f}", stderr=True),
             cell(model, "irc_lastword", "perplexity", "{:.1f}", stderr=True),
-            fmt(frontier.get(label(model))), f"{seconds:.0f} s" if seconds else "–",
+            fmt(dense_ppl if roll and roll["kind"] == "base" else roll and roll.get("recorded_perplexity")),
+            f"{seconds:.0f} s" if seconds else "–",
         ]) + " |")
     lines += ["", "Every metric lm-eval returned:", "",
               "| model | task | n | metric | | value | ± stderr | seconds |", "|---|---|---:|---|---|---:|---:|---:|"]
@@ -211,7 +227,13 @@ def main() -> int:
         else:
             print(f"--resume: {out.with_suffix('.json')} was measured at limit {previous.get('limit')}, "
                   f"not {args.limit}: starting afresh", flush=True)
-    done = {(r["model"], r["task"]) for r in result["rows"]}
+    identities = {m: identity(m) for m in models}
+    stale = [r for r in result["rows"] if r["model"] in identities
+             and {k: r.get(k) for k in identities[r["model"]]} != identities[r["model"]]]
+    for r in stale:
+        print(f"--resume: {r['model']} now holds another model ({identities[r['model']]}): "
+              f"{r['task']} is measured again", flush=True)
+    done = {(r["model"], r["task"]) for r in result["rows"] if r not in stale}
     with tempfile.TemporaryDirectory(prefix="irc-bench-tasks-") as include:
         built = build_tasks(tasks, Path(include))  # sets the offline variables before lm-eval loads datasets
         manager = TaskManager(include_path=[include])
@@ -221,6 +243,7 @@ def main() -> int:
                 continue
             print(f"=== {label(model)} ({model})", flush=True)
             t = time.perf_counter()
+            identities[model] = identity(model)  # what is loaded now (a directory may be replaced meanwhile)
             lm = IrcLM(resolve(model), dtype="bf16")
             print(f"    loaded in {time.perf_counter() - t:.1f}s ({lm.kind})", flush=True)
             # the convert's preset (a folded model keeps its source's training record)
@@ -228,6 +251,7 @@ def main() -> int:
             preset = records.get("training", {}).get("config", {}).get("preset")
             for task in todo:
                 row = {"model": model, "label": label(model), "task": task, "kind": lm.kind, "preset": preset,
+                       **identities[model],
                        "data_file": built.files.get(task), **evaluate_task(lm, task, args.limit, manager)}
                 result["rows"] = [r for r in result["rows"] if (r["model"], r["task"]) != (model, task)] + [row]
                 write(out, result)
