@@ -57,7 +57,7 @@ def localize_sizes(gm: GraphModule) -> PassResult:
             path = _path(user)
             if not _within(path, own):
                 by_path.setdefault(path or "", []).append(user)
-        for path, users in by_path.items():
+        for users in by_path.values():
             with gm.graph.inserting_after(node):
                 dup = gm.graph.node_copy(node)
             dup.meta = copy.copy(node.meta)

@@ -93,15 +93,15 @@ def test_family_decodes_as_prefill(family):
 @pytest.mark.parametrize("family", ["gpt_neox", "mixtral", "qwen3_moe", "phi3"])
 def test_mlp_flops_match_the_weights_a_token_reads(family):
     arch = Architecture.from_config(tiny_config(family))
-    D, I = arch.hidden, arch.intermediate
+    D, inner = arch.hidden, arch.intermediate
     if family == "gpt_neox":  # plain MLP: up and down
-        assert arch.mlp_flops() == 2 * 2 * D * I
-    elif family == "mixtral":  # router + 2 of 4 gated experts of width I
-        assert arch.mlp_flops() == 2 * (D * 4 + 2 * 3 * D * I)
+        assert arch.mlp_flops() == 2 * 2 * D * inner
+    elif family == "mixtral":  # router + 2 of 4 gated experts of width inner
+        assert arch.mlp_flops() == 2 * (D * 4 + 2 * 3 * D * inner)
     elif family == "qwen3_moe":  # experts of width moe_intermediate_size 32
         assert arch.mlp_flops() == 2 * (D * 4 + 2 * 3 * D * 32)
     else:
-        assert arch.mlp_flops() == 2 * 3 * D * I
+        assert arch.mlp_flops() == 2 * 3 * D * inner
     # a fused q/k/v projection runs whole in an executed token's query path
     assert arch.fused_qkv == (family in ("gpt_neox", "phi3"))
 
@@ -128,3 +128,21 @@ def test_family_trains_and_calibrates(family):
         routed(windows[10:14])
     fractions = [u.execute_fraction for u in routed.units.values()]
     assert 0.0 < sum(fractions) / len(fractions) < 1.0
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_family_traceable_routing_equals_eager(family):
+    # the branch-free path torch.export (and so ONNX) captures, in both inference modes
+    _, routed = tiny_routed(family)
+    ids, mask = batch(7)
+    real = mask.bool()
+    for mode, setting in (("capacity", {"capacity": 0.5}), ("threshold", {})):
+        with torch.no_grad():
+            routed.set_routing(mode, **setting)
+            want = routed(ids, mask)
+            for u in routed.units.values():
+                u.traceable = True
+            got = routed(ids, mask)
+            for u in routed.units.values():
+                u.traceable = False
+        assert (got - want)[real].abs().max() <= ROUTED_EQUAL, mode

@@ -7,7 +7,6 @@ and the node, and the CLI prints that one line and exits 2.
 """
 
 import pytest
-import torch
 from transformers.models.llama import modeling_llama
 
 import irc
