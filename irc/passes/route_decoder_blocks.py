@@ -17,6 +17,14 @@ Before::                                   After::
 
 Every routed module starts in ``dense`` mode, so the rewritten graph computes
 exactly what the captured one did until routing is switched on.
+
+The unit structures ``find_units`` reports need little here: a post-norm or a
+residual scale is part of the body (the forecaster predicts the scaled,
+post-normed term); without a pre-norm the norm module is the identity; the two
+units of a parallel layer both take the layer input, and a shared pre-norm is
+outlined into each (its nodes are erased with the second); an MoE block is an
+MLP body that reads its sizes off its own input, so it runs on the gathered
+tokens like any MLP.
 """
 
 from __future__ import annotations
