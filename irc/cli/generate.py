@@ -101,12 +101,12 @@ def run(args: argparse.Namespace) -> int:
     exec_line = "n/a" if result.execute_fraction is None else (
         f"{result.execute_fraction:.3f}" + "".join(f", {k} {v:.3f}" for k, v in kinds.items()))
     info(f"decode      {result.decode_tokens} tokens in {result.decode_seconds:.2f}s: "
-         f"{result.tokens_per_s:.1f} tokens/s ({args.backend}, {dtype}, {routing}); prompt {ids.shape[1]} tokens, "
+         f"{result.tokens_per_s:.1f} tokens/s ({args.backend}, {dtype}, {routing}, {args.kv_cache} cache); prompt {ids.shape[1]} tokens, "
          f"prefill {result.prefill_seconds:.2f}s")
     info(f"execute     {exec_line} (while decoding)")
     info(f"FLOPs       {flops['dense'] / 1e6:.1f} → {flops['routed'] / 1e6:.1f} MFLOP/token "
          f"({100 * flops['saved']:.1f}% saved, routers and forecasters included)")
-    info(f"KV cache    {kv_cache_line(kv)}, {args.kv_cache}")
+    info(f"KV cache    {kv_cache_line(kv)}")
     frac = "n/a" if result.execute_fraction is None else f"{result.execute_fraction:.3f}"
     info(f"PASSED generate {seconds:.1f}s tokens/s {result.tokens_per_s:.1f} execute {frac} "
          f"flops saved {100 * flops['saved']:.1f}% backend={args.backend} new={result.new_tokens}")

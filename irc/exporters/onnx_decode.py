@@ -300,7 +300,7 @@ class OrtDecoder:
         self.output_names = [o.name for o in self.session.get_outputs()]
         # I/O binding (kv_cache="static"): the cache lives where the session computes
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        self.binding = self.session.io_binding()
+        self._binding = None  # (session, its IOBinding): made on first use, anew if the session is replaced
 
     def empty_cache(self, batch: int, capacity: int | None = None) -> list:
         """Length-0 past keys and values: right for full-length and sink-slot layers alike.
@@ -333,7 +333,9 @@ class OrtDecoder:
         return torch.from_numpy(logits), present
 
     def _bound_step(self, feeds: dict, past: list):
-        binding = self.binding
+        if self._binding is None or self._binding[0] is not self.session:
+            self._binding = (self.session, self.session.io_binding())
+        binding = self._binding[1]
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         for name, value in feeds.items():
