@@ -59,10 +59,12 @@ def _one_process(model, out, config, **kw):
 def _dist_config(corpus, **kw):
     # as tests/train/test_convert.py; router init runs batches of 1 window (one rank idles there),
     # the forecaster fit, calibration (3 windows: uneven shards) and evaluation shard by window;
-    # LoRA (2 steps) shards its batches as router training does
+    # LoRA (2 steps, as the standard preset: under the calibrated thresholds, here with distillation)
+    # shards its batches as router training does
     base = dict(sparsity=0.5, dtype="fp32", lff_rank=8, n_sink=2, lff_seq_len=64, lff_windows=4,
                 init_windows=2, router_steps=8, batch_size=2, train_seq_len=32, calib_windows=3,
                 checkpoint_every=4, eval_seq_len=64, eval_tokens=640, lora_steps=2, lora_rank=4,
+                lora_routing="threshold", lora_distill=0.5,
                 data=str(corpus / "train.jsonl"), eval_data=str(corpus / "heldout.jsonl"))
     return ConvertConfig(**{**base, **kw})
 
