@@ -25,6 +25,11 @@ Before (one module)::                 After (two modules)::
     o = sdpa(q, k, v, mask)                 = o_proj(sdpa(q_sel, k, v, mask_rows))
     return o_proj(o)
 
+A fused q/k/v projection (Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``)
+is on both paths: the kv side runs it for every token and the query side runs
+it again for the executed tokens, of which it uses the query part only (exact,
+not minimal; ``Architecture.attention_query_flops`` counts the extra work).
+
 Eager attention (Gemma2: soft-capped scores, which SDPA cannot express) has no
 SDPA node; it is cut the same way at its two products: the keys are the second
 operand of the ``matmul`` that produces the scores feeding the one ``softmax``,
