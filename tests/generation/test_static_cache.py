@@ -1,7 +1,7 @@
 """The static KV cache (preallocated buffers written in place) against the copying cache.
 
 (a) every step's logits of the static cache equal the copying cache's, dense and
-    routed, batch 1 and a left-padded batch, and a folded model (sink-slot layers
+    routed (kv_policy "keep" and "drop"), batch 1 and a left-padded batch, and a folded model (sink-slot layers
     beside full-length ones; a forecast-folded layer at full length, n_sink = 1);
     greedy ``generate`` gives the same tokens with ``kv_cache="static"`` and ``"copy"``;
 (b) the graph itself writes in place: each full-length present is a prefix view of
@@ -92,6 +92,13 @@ def test_static_equals_copying_cache(routed, mode, B):
     assert static.execute_fraction == copied.execute_fraction
     if mode == "threshold":
         assert 0 < static.execute_fraction < 1
+
+
+def test_kv_drop_static_equals_copying_cache():
+    _, model = tiny_routed("llama", RoutingPlan(kv_policy="drop", lff_rank=16, n_sink=2))
+    model.set_routing("threshold")
+    ids, mask = _batch(3, 12, seed=7)
+    _assert_same(decoder_for(model), ids, mask, prompt=5)
 
 
 @pytest.mark.parametrize("B", [1, 3])
