@@ -8,8 +8,8 @@ from routed_helpers import batch, tiny_routed
 
 import irc
 from irc.plan import RoutingPlan
-from irc.train.losses import lm_loss
 from irc.train.lora_train import LoRATrainConfig, train_lora
+from irc.train.losses import lm_loss
 
 from tiny import save_tiny
 
