@@ -123,6 +123,8 @@ def write(results: dict, out: Path, meta: dict) -> None:
                      f"| {r['lora']['last_loss']:.3f} | {u['perplexity']:.2f} | {u['perplexity'] / dense:.2f}× "
                      f"| {u['flops_saved']:.1%} | {f['perplexity']:.2f} | {f['perplexity'] / dense:.2f}× "
                      f"| {f['flops_saved']:.1%} | {f['folded']} | {r['lora_seconds']:.0f} s |")
+    if meta.get("notes"):
+        lines += ["", "Notes:", "", *[f"- {n}" for n in meta["notes"]]]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -155,6 +157,7 @@ def main() -> int:
     meta = {"model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model),
             "snapshot": str(snapshot.relative_to(ROOT) if snapshot.is_relative_to(ROOT) else snapshot),
             "dense_perplexity": dense, "commands": previous.get("commands", []) + [command],
+            "notes": previous.get("notes", []),
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     for name in names:
         if name in results:
