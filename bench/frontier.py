@@ -132,13 +132,18 @@ def plot(path: Path, rows: list[dict], dense: float | None) -> None:
             continue
         label, style = STYLE[method]
         presets = sorted({p for _, _, p in pts if p})
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{label} [{'/'.join(presets)}]", ms=6)
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{label} [{'/'.join(presets)}]",
+                          ms=6)
+        quick = [p for p in pts if p[2] == "quick"]
+        if quick and len(presets) > 1:  # quick-preset points of a mixed line: hollow markers over the filled ones
+            ax.plot([p[0] for p in quick], [p[1] for p in quick], line.get_marker(), ms=8, mfc="white", color=line.get_color(),
+                    mec=line.get_color(), ls="none")
     ax.set_yscale("log")
     xs = [100 * r["flops_saved"] for r in rows]
     ax.set_xlim(-1, max([45.0, *xs]) + 2)  # the whole budget range, so points read against each other
     ax.set_xlabel("FLOPs per token saved (%)")
     ax.set_ylabel("perplexity, wiki held-out (log)")
-    ax.set_title("SmolLM2-135M: quality vs compute")
+    ax.set_title("SmolLM2-135M: quality vs compute (hollow markers: quick preset on a mixed line)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
     fig.tight_layout()
