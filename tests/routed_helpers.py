@@ -66,3 +66,18 @@ def batch(T: int, B: int = 2, vocab: int = 300, seed: int = 0):
 def random_masks(routed, shape, fraction=0.5, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {name: torch.rand(shape, generator=g) < fraction for name in routed.units}
+
+
+@torch.no_grad()
+def eager_and_traceable(routed, ids, mask, mode: str, **setting) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the eager routed path and of the branch-free one ``torch.export`` captures."""
+    routed.set_routing(mode, **setting)
+    want = routed(ids, mask)
+    for u in routed.units.values():
+        u.traceable = True
+    try:
+        got = routed(ids, mask)
+    finally:
+        for u in routed.units.values():
+            u.traceable = False
+    return want, got

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from routed_helpers import batch, tiny_routed
+from routed_helpers import batch, eager_and_traceable, tiny_routed
 
 from irc.errors import UserError
 from irc.exporters.onnx import OnnxExportConfig, export_onnx, sample_inputs
@@ -22,14 +22,7 @@ def test_traceable_path_equals_the_eager_one(family, routing):
     _, routed = tiny_routed(family)
     for T in (1, 3, 7, 64):  # T=3: ceil(c·T) can be fewer than the sinks
         ids, mask = batch(T)
-        with torch.no_grad():
-            routed.set_routing(mode, **setting)
-            want = routed(ids, mask)
-            for u in routed.units.values():
-                u.traceable = True
-            got = routed(ids, mask)
-            for u in routed.units.values():
-                u.traceable = False
+        want, got = eager_and_traceable(routed, ids, mask, mode, **setting)
         assert (got - want)[mask.bool()].abs().max() <= 1e-5
 
 

@@ -16,7 +16,7 @@ and tests/generation/test_generate.py.
 
 import pytest
 import torch
-from routed_helpers import batch, random_masks, tiny_routed
+from routed_helpers import batch, eager_and_traceable, random_masks, tiny_routed
 
 from irc.generation.decoder import decoder_for
 from irc.models.arch import Architecture
@@ -137,12 +137,5 @@ def test_family_traceable_routing_equals_eager(family):
     ids, mask = batch(7)
     real = mask.bool()
     for mode, setting in (("capacity", {"capacity": 0.5}), ("threshold", {})):
-        with torch.no_grad():
-            routed.set_routing(mode, **setting)
-            want = routed(ids, mask)
-            for u in routed.units.values():
-                u.traceable = True
-            got = routed(ids, mask)
-            for u in routed.units.values():
-                u.traceable = False
+        want, got = eager_and_traceable(routed, ids, mask, mode, **setting)
         assert (got - want)[real].abs().max() <= ROUTED_EQUAL, mode
