@@ -23,6 +23,16 @@ from tiny import FAMILIES, save_tiny  # noqa: E402
 _REAL_CACHE = os.environ.get("IRC_CACHE")
 
 
+def pytest_configure(config):
+    # Under pytest-xdist (`make test` runs 2 workers) each worker gets its share of
+    # the cores, so two workers do not run 2 + 2 intra-op threads on 2 cores.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
