@@ -219,7 +219,7 @@ def run_convert(method: str, budget: float, preset: str, out_dir: Path) -> dict:
               f"flops saved {entry['without_lora']['flops_saved']:.3f}", flush=True)
     if method.startswith("informed"):
         import irc
-        from irc.train.windows import make_windows
+        from irc.data.windows import make_windows
 
         routed = irc.load(out_dir)
         entry["near_static"] = near_static(held_in_fractions(routed, _held_in(routed, make_windows)))
@@ -233,8 +233,8 @@ def without_lora(out_dir: Path, snapshot: Path, config) -> dict:
 
     import irc
     from irc.data import load_corpus, token_stream
+    from irc.eval.calibrate import calibrate_thresholds
     from irc.eval.routed import evaluate_routed, inference_mode, routed_budget
-    from irc.train.calibrate import calibrate_thresholds
     from irc.train.convert import split_held_in
 
     routed = irc.load(out_dir)
@@ -260,9 +260,9 @@ def run_folded(budget: float, source: Path, out_dir: Path) -> dict:
     """Fold the informed-flops model of this budget (no retraining) and evaluate it."""
     import irc
     from irc.data import load_corpus, token_stream
+    from irc.data.windows import make_windows
     from irc.eval.routed import evaluate_routed, routed_budget
     from irc.train.fold import fold_routed
-    from irc.train.windows import make_windows
 
     t = time.perf_counter()
     routed = irc.load(source)

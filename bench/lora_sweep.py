@@ -48,9 +48,9 @@ def run_variant(name: str, model_dir: Path, snapshot: Path, steps: int | None) -
 
     import irc
     from irc.data import load_corpus, token_stream
+    from irc.eval.calibrate import calibrate_thresholds
     from irc.eval.routed import evaluate_routed, routed_budget
     from irc.models import load_model
-    from irc.train.calibrate import calibrate_thresholds
     from irc.train.convert import ConvertConfig, split_held_in
     from irc.train.fold import fold_routed
     from irc.train.lora_train import LoRATrainConfig, train_lora

@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     check_output(out)
     import irc
     from irc.data import load_corpus, token_stream
+    from irc.data.windows import make_windows
     from irc.eval.routed import routed_budget
     from irc.train.fold import fold_routed
-    from irc.train.windows import make_windows
 
     start = time.perf_counter()
     routed = irc.load(args.model, dtype=args.dtype)

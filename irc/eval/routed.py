@@ -85,9 +85,9 @@ def recalibrate(routed, *, sparsity: float | None = None, flops_saved: float | N
     or None where there is nothing to calibrate (no dial, or a ``mod`` / ``static`` model, whose
     dial is the capacity that ``inference_mode`` sets from ``sparsity``)."""
     from irc.data import load_corpus, token_stream
+    from irc.data.windows import make_windows
     from irc.errors import UserError
-    from irc.train.calibrate import calibrate_thresholds
-    from irc.train.windows import make_windows
+    from irc.eval.calibrate import calibrate_thresholds
 
     if sparsity is not None and flops_saved is not None:
         raise UserError("give one dial: --sparsity S or --flops-saved F, not both")

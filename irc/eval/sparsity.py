@@ -1,6 +1,6 @@
 """Achieved sparsity of a routed model, from its units' counters.
 
-Statistics, not training: calibration (``irc.train``) and evaluation
+Statistics, not training: calibration (``irc.eval.calibrate``) and evaluation
 (``irc.eval``) both read them, so they live here, below both.
 """
 

@@ -237,7 +237,7 @@ def held_in_windows(routed) -> tuple[torch.Tensor, str]:
     """The last 4 windows of 1024 tokens of the convert's training data (``wiki:train`` when unrecorded):
     the windows ``irc convert`` calibrates on, which training never sees."""
     from irc.data import load_corpus, token_stream
-    from irc.train.windows import make_windows
+    from irc.data.windows import make_windows
 
     config = routed.records.get("training", {}).get("config", {})
     data = config.get("data", HELD_IN_DATA)

@@ -259,7 +259,7 @@ class Job:
 
     def take(self, count: int, seq_len: int) -> torch.Tensor:
         """The next ``count`` windows of the training stream (a fixed order, run or resumed)."""
-        from irc.train.windows import make_windows
+        from irc.data.windows import make_windows
 
         w = make_windows(self.stream, seq_len, count, start=self.cursor)
         self.cursor += count * seq_len
@@ -450,10 +450,11 @@ def _select(job: Job) -> dict:
 
 
 def _calibrate(job: Job) -> dict:
-    from irc.train.calibrate import calibrate_thresholds
+    from irc.eval.calibrate import calibrate_thresholds
+    from irc.train.distributed import RANKS
 
     return calibrate_thresholds(job.routed, job.calib, budget=job.budget(job.calib.shape[1]),
-                                show_progress=job.show_progress)
+                                show_progress=job.show_progress, ranks=RANKS)
 
 
 def _fold(job: Job) -> dict:
@@ -583,7 +584,7 @@ def _put(records: dict, path: tuple[str, ...], value) -> None:
 def split_held_in(stream: np.ndarray, config: ConvertConfig) -> tuple[np.ndarray, torch.Tensor]:
     """The training stream and the held-in windows (its last ``calib_windows``, never trained on):
     calibration, static-lff scoring and fold evidence."""
-    from irc.train.windows import make_windows
+    from irc.data.windows import make_windows
 
     held = config.calib_windows * config.lff_seq_len
     return stream[: len(stream) - held], make_windows(stream[len(stream) - held :], config.lff_seq_len,

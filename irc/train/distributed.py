@@ -226,6 +226,27 @@ def sum_unit_counters(routed) -> None:
         u.executed, u.tokens = int(totals[2 * i]), int(totals[2 * i + 1])
 
 
+class _Ranks:
+    """This process group's collectives as ``irc.eval.calibrate.Ranks``: calibration (in
+    ``irc.eval``, which imports nothing from ``irc.train``) gathers through them."""
+
+    @property
+    def distributed(self) -> bool:
+        return world().distributed
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        return shard(batch)
+
+    def all_gather_cat(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return all_gather_cat(parts)
+
+    def sum_unit_counters(self, routed) -> None:
+        sum_unit_counters(routed)
+
+
+RANKS = _Ranks()
+
+
 # --- rank 0 work and broadcasts ----------------------------------------------------
 
 

@@ -35,9 +35,10 @@ def near_static(fractions: dict[str, float], epsilon: float = 0.05) -> int:
 def fold_routed(routed, windows: torch.Tensor, epsilon: float, *, budget=None, show_progress: bool = True) -> dict:
     """Fold ``routed`` in place at ``epsilon``; with ``budget`` (a callable of the model giving an
     ``irc.eval.flops.Budget``), recalibrate the remaining routers to it. Returns the record."""
+    from irc.eval.calibrate import calibrate_thresholds
     from irc.eval.sparsity import achieved_sparsity
     from irc.passes.fold_static_routes import choose_folds
-    from irc.train.calibrate import calibrate_thresholds
+    from irc.train.distributed import RANKS
 
     fractions = held_in_fractions(routed, windows)
     folds = choose_folds(fractions, epsilon)
@@ -48,7 +49,7 @@ def fold_routed(routed, windows: torch.Tensor, epsilon: float, *, budget=None, s
     record["routers_after"] = len(routed.units)
     if folds and routed.units and budget is not None:
         record["recalibration"] = calibrate_thresholds(routed, windows, budget=budget(routed),
-                                                       show_progress=show_progress)
+                                                       show_progress=show_progress, ranks=RANKS)
     else:
         held_in_fractions(routed, windows)  # the counters now hold the folded model's fractions
         record["achieved_sparsity"] = achieved_sparsity(routed)["overall"]

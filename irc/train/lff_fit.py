@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from irc.data.windows import batches
 from irc.nn.tokens import sink_mask
 from irc.progress import progress
 from irc.train.distributed import all_reduce_grads, broadcast_tensors, global_means, shard, world
 from irc.train.observe import observing
-from irc.train.windows import batches
 
 FIT_METHODS = ("closed-form", "smoothl1")
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from irc.data.windows import batches
 from irc.nn.tokens import sink_mask
 from irc.progress import progress
 from irc.train.distributed import all_gather_cat, all_reduce_grads, global_means, shard, world
 from irc.train.observe import observing
-from irc.train.windows import batches
 
 
 def init_routers(routed, windows: torch.Tensor, sparsity: float, *, lr: float = 3e-3, epochs: int = 2,

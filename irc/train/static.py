@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from irc.train.windows import batches
+from irc.data.windows import batches
 
 
 @torch.no_grad()

@@ -23,10 +23,10 @@ import math
 
 import torch
 
+from irc.data.windows import batches
 from irc.eval.flops import folded_unit_flops
 from irc.progress import progress
 from irc.train.losses import lm_loss
-from irc.train.windows import batches
 
 
 @torch.no_grad()

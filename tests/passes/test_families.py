@@ -108,7 +108,7 @@ def test_mlp_flops_match_the_weights_a_token_reads(family):
 
 @pytest.mark.parametrize("family", ["olmo2", "granite", "gpt_neox", "mixtral"])  # one per structure
 def test_family_trains_and_calibrates(family):
-    from irc.train.calibrate import calibrate_thresholds
+    from irc.eval.calibrate import calibrate_thresholds
     from irc.train.lff_fit import fit_closed_form, forecaster_errors
     from irc.train.router_train import RouterTrainConfig, train_routers
 

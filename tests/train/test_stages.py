@@ -4,8 +4,8 @@ import pytest
 import torch
 from routed_helpers import tiny_routed
 
+from irc.eval.calibrate import calibrate_thresholds
 from irc.plan import RoutingPlan
-from irc.train.calibrate import calibrate_thresholds
 from irc.train.lff_fit import LFFFitConfig, fit_closed_form, fit_smoothl1, forecaster_errors
 from irc.train.router_init import init_routers
 from irc.train.router_train import RouterTrainConfig, train_routers

@@ -10,22 +10,56 @@ allocation 41.7 (see the notes of issue #4). ``irc eval OUT --sparsity S2`` runs
 the same calibration at deploy time.
 
 Mixture-of-Depths (``mod``) needs no calibration: its capacity is the dial.
+
+Calibration is measurement, so it lives in ``irc.eval`` and imports nothing from
+``irc.train``; a convert running on several processes hands it the process
+group's collectives (``ranks=irc.train.distributed.RANKS``): each process then
+runs its shard of the windows and the margins and counters are gathered.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
+from irc.data.windows import batches
 from irc.eval.sparsity import achieved_sparsity
 from irc.progress import progress
-from irc.train.distributed import all_gather_cat, shard, sum_unit_counters, world
-from irc.train.windows import batches
+
+
+class Ranks(Protocol):
+    """The collectives calibration needs (``irc.train.distributed.RANKS`` on a process group)."""
+
+    @property
+    def distributed(self) -> bool: ...
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor: ...  # this process's rows of the batch
+
+    def all_gather_cat(self, parts: list[torch.Tensor]) -> list[torch.Tensor]: ...  # every rank's, in rank order
+
+    def sum_unit_counters(self, routed) -> None: ...  # executed/token counters summed over ranks
+
+
+class OneProcess:
+    """``Ranks`` of a single process: its shard is everything, nothing to gather."""
+
+    distributed = False
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def all_gather_cat(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(parts)
+
+    def sum_unit_counters(self, routed) -> None:
+        return None
 
 
 @torch.no_grad()
 def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float | None = None, *, budget=None,
                          iterations: int = 3, batch_size: int = 1, method: str = "offset",
-                         show_progress: bool = True) -> dict:
+                         show_progress: bool = True, ranks: Ranks | None = None) -> dict:
     """Set every unit's θ so the model meets a budget; returns what it achieved.
 
     The budget is ``sparsity`` (the paper's unit sparsity) or ``budget``, an
@@ -41,6 +75,9 @@ def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float | None =
     that the units together execute ``1 − sparsity`` of the tokens; its θ is the
     margin quantile that executes exactly its target. Thresholds change the
     inputs of later units, so the solve repeats on fresh passes.
+
+    ``ranks``: the process group's collectives where several processes calibrate together
+    (each passes the same ``windows``); None: this process alone.
     """
     from irc.eval.routed import routed_budget
 
@@ -65,8 +102,8 @@ def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float | None =
     T = windows.shape[1]
     sink_share = min(n_sink, T) / T
     targets: dict[str, float] = {}
-    w = world()
-    mine = shard(windows, w)  # many processes: each runs its windows, the margins are gathered
+    ranks = ranks or OneProcess()
+    mine = ranks.shard(windows)  # many processes: each runs its windows, the margins are gathered
     bar = progress(total=iterations, desc="calibrating thresholds", unit="pass", enabled=show_progress)
     try:
         for it in range(iterations):
@@ -75,7 +112,7 @@ def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float | None =
             routed.set_routing("threshold", record=False)
             for batch in batches(mine, batch_size):
                 routed(batch)
-            free = {name: m[:, n_sink:].reshape(-1) for name, m in _all_margins(margins, T, w).items()}
+            free = {name: m[:, n_sink:].reshape(-1) for name, m in _all_margins(margins, T, ranks).items()}
             if method == "offset":
                 theta = _common_threshold(free, budget, sink_share)
                 for unit in units.values():
@@ -94,7 +131,7 @@ def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float | None =
     routed.set_routing("threshold", record=True)
     for batch in batches(mine, batch_size):
         routed(batch)
-    sum_unit_counters(routed)
+    ranks.sum_unit_counters(routed)
     achieved = achieved_sparsity(routed)
     from irc.eval.routed import routed_flops
 
@@ -107,13 +144,13 @@ def calibrate_thresholds(routed, windows: torch.Tensor, sparsity: float | None =
             "thresholds": {n: round(float(u.threshold), 4) for n, u in units.items()}}
 
 
-def _all_margins(margins: dict[str, list[torch.Tensor]], T: int, w) -> dict[str, torch.Tensor]:
+def _all_margins(margins: dict[str, list[torch.Tensor]], T: int, ranks: Ranks) -> dict[str, torch.Tensor]:
     """Each unit's margins ``[windows, T]`` over all windows: this process's, or with many
     processes every rank's in rank order (the windows' order)."""
-    if not w.distributed:
+    if not ranks.distributed:
         return {name: torch.cat(m) for name, m in margins.items()}
     local = [torch.cat(m).reshape(-1) if m else torch.zeros(0) for m in margins.values()]
-    return {name: g.reshape(-1, T) for name, g in zip(margins, all_gather_cat(local), strict=True)}
+    return {name: g.reshape(-1, T) for name, g in zip(margins, ranks.all_gather_cat(local), strict=True)}
 
 
 def _unit_targets(free: dict[str, torch.Tensor], target: float, sink_share: float) -> dict[str, float]:
