@@ -20,6 +20,12 @@ written in place, ``irc.generation.static_cache``; ORT: the cache kept in OrtVal
 by I/O binding), ``copy`` (each step returns a new cache, the past copied into it),
 or ``static,copy``: a row for each, interleaved like dense and routed.
 
+--model takes several directories (a folded model and its unfolded twin: what
+folding buys), --dtype several torch precisions. --hf-reference adds, per torch
+precision and batch, the base model decoding through transformers itself (a greedy
+loop over its own cache): the check that the dense side of every row is not a slow
+baseline.
+
     .venv/bin/python bench/decode_speed.py --model runs/smollm2-s25   # docs/results/decode_speed.{md,json}
     .venv/bin/python bench/decode_speed.py --model runs/smollm2-s25 --kv-cache static,copy
 """
@@ -62,9 +68,8 @@ def run_once(model, ids, mask, new_tokens: int, kv_cache: str) -> dict:
             "execute_fraction": result.execute_fraction}
 
 
-def bench_backend(backend: str, args, command: str) -> list[dict]:
-    dtype = args.dtype if backend == "torch" else "fp32"
-    routed = irc.load(args.model, dtype=dtype)
+def bench_backend(backend: str, model: str, dtype: str, args, command: str) -> list[dict]:
+    routed = irc.load(model, dtype=dtype)
     models = {}
     for mode in ("dense", "threshold"):
         if backend == "torch":
@@ -87,14 +92,41 @@ def bench_backend(backend: str, args, command: str) -> list[dict]:
                 if repeat:
                     runs[cache, mode].append(r)
         for cache in args.kv_cache:
-            rows.append(_row(backend, dtype, batch, cache, {m: runs[cache, m] for m in ("dense", "threshold")},
-                             kv, args, command))
+            rows.append(_row(model, backend, dtype, batch, cache,
+                             {m: runs[cache, m] for m in ("dense", "threshold")}, kv, args, command))
     return rows
 
 
-def _row(backend, dtype, batch, cache, runs, kv, args, command) -> dict:
+@torch.no_grad()
+def hf_reference(model: str, dtype: str, args, command: str) -> list[dict]:
+    """The base model's own decode through transformers: a greedy loop over its DynamicCache."""
+    routed = irc.load(model, dtype=dtype)
+    base, tokenizer = routed.base.model.eval(), routed.tokenizer  # the base model, as loaded (no LoRA)
+    rows = []
+    for batch in args.batch:
+        ids, mask = prompts(tokenizer, batch, args.prompt_len)
+        speeds = []
+        for repeat in range(args.repeats + 1):
+            out = base(ids, attention_mask=mask, use_cache=True)
+            past, token, full = out.past_key_values, out.logits[:, -1:].argmax(-1), mask
+            start = time.perf_counter()
+            for _ in range(args.new_tokens - 1):  # as generate: the first new token comes from prefill
+                full = torch.cat([full, torch.ones_like(token)], dim=1)
+                out = base(token, attention_mask=full, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            if repeat:
+                speeds.append(batch * (args.new_tokens - 1) / (time.perf_counter() - start))
+        rows.append({"model": "base (transformers)", "backend": "hf", "dtype": dtype, "batch": batch,
+                     "cache": "dynamic", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                     "dense_tokens_per_s": statistics.median(speeds), "dense_runs": speeds, "command": command})
+        print(f"hf    B={batch} {dtype}: {rows[-1]['dense_tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    return rows
+
+
+def _row(model, backend, dtype, batch, cache, runs, kv, args, command) -> dict:
     med = {m: statistics.median(r["tokens_per_s"] for r in rs) for m, rs in runs.items()}
-    row = {"backend": backend, "dtype": dtype, "batch": batch, "cache": cache, "prompt_len": args.prompt_len,
+    row = {"model": model, "backend": backend, "dtype": dtype, "batch": batch, "cache": cache,
+           "prompt_len": args.prompt_len,
            "new_tokens": args.new_tokens, "dense_tokens_per_s": med["dense"],
            "routed_tokens_per_s": med["threshold"], "speedup": med["threshold"] / med["dense"],
            "execute_fraction": runs["threshold"][-1]["execute_fraction"],
@@ -108,8 +140,11 @@ def _row(backend, dtype, batch, cache, runs, kv, args, command) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="runs/smollm2-s25", help="routed model directory")
-    p.add_argument("--dtype", default="bf16", help="PyTorch precision")
+    p.add_argument("--model", default="runs/smollm2-s25",
+                   help="routed model directories, comma-separated (e.g. a folded model and its unfolded twin)")
+    p.add_argument("--dtype", default="bf16", help="PyTorch precisions, comma-separated (ORT runs fp32)")
+    p.add_argument("--hf-reference", action="store_true",
+                   help="also time the base model's own transformers decode (per torch precision and batch)")
     p.add_argument("--backends", default="torch,ort")
     p.add_argument("--batch", default="1,8")
     p.add_argument("--prompt-len", type=int, default=256)
@@ -129,28 +164,38 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     command = ".venv/bin/python bench/decode_speed.py " + shlex.join(sys.argv[1:])
     rows = []
-    for backend in args.backends.split(","):
-        rows += bench_backend(backend, args, command)
+    models, dtypes = args.model.split(","), args.dtype.split(",")
+    for model in models:
+        for backend in args.backends.split(","):
+            for dtype in dtypes if backend == "torch" else ["fp32"]:
+                rows += bench_backend(backend, model, dtype, args, command)
+    if args.hf_reference:
+        for dtype in dtypes:
+            rows += hf_reference(models[0], dtype, args, command)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.platform(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "model": args.model}
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "models": models}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         "# Decode speed: dense vs routed",
         "",
-        f"Model `{args.model}`, {args.prompt_len}-token prompt per row (wiki held-out), {args.new_tokens} new "
+        f"Models {', '.join(f'`{m}`' for m in models)}, {args.prompt_len}-token prompt per row (wiki held-out), {args.new_tokens} new "
         f"tokens, greedy; decode tokens/s = tokens from decode steps (B per step) / decode time; median of "
         f"{args.repeats} interleaved runs after a warm-up. torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads, {meta['date']}. Generated by `bench/decode_speed.py`; the command is beside every figure.",
         "",
-        "| backend | dtype | B | KV cache | dense tok/s | routed tok/s | speed-up | execute fraction "
+        "| model | backend | dtype | B | KV cache | dense tok/s | routed tok/s | speed-up | execute fraction "
         "| KV B/token dense → routed | command |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r["backend"] == "hf":
+            lines.append(f"| {r['model']} | hf | {r['dtype']} | {r['batch']} | {r['cache']} | "
+                         f"{r['dense_tokens_per_s']:.1f} | – | – | – | – | `{r['command']}` |")
+            continue
         e = "n/a" if r["execute_fraction"] is None else f"{r['execute_fraction']:.3f}"
-        lines.append(f"| {r['backend']} | {r['dtype']} | {r['batch']} | {r['cache']} | "
+        lines.append(f"| `{r['model']}` | {r['backend']} | {r['dtype']} | {r['batch']} | {r['cache']} | "
                      f"{r['dense_tokens_per_s']:.1f} | "
                      f"{r['routed_tokens_per_s']:.1f} | {r['speedup']:.2f}× | {e} | "
                      f"{r['kv_bytes_per_token']['dense']:,} → {r['kv_bytes_per_token']['routed']:,} | "
@@ -163,7 +208,9 @@ def main() -> int:
               "", "KV cache: static: torch writes each step's keys and values in place into preallocated buffers "
               "(irc.generation.static_cache), ONNX Runtime keeps the cache in OrtValues by I/O binding (the file's "
               "Concat still copies the past inside ORT); copy: each step returns a new cache, the past copied "
-              "into it. Dense and routed use the same machinery in every row."]
+              "into it. Dense and routed use the same machinery in every row.",
+              "", "hf rows (--hf-reference): the base model through transformers (its forward over a "
+              "DynamicCache, greedy, the same prompts), dense only: a reference for the dense columns."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.md')} and .json", file=sys.stderr)
     return 0
