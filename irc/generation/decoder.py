@@ -43,7 +43,7 @@ from torch.fx import GraphModule
 from irc.errors import UserError
 from irc.generation import static_cache
 from irc.generation.capture import cache_shape, capture_decode, empty_cache
-from irc.nn.cached_unit import StepHint
+from irc.nn.cached_unit import RowsHint, StepHint
 from irc.passes.compact_sink_caches import compact_sink_caches, compacted_slots
 from irc.passes.drop_noop_conversions import drop_noop_conversions
 from irc.passes.fold_static_routes import fold_static_routes
@@ -114,6 +114,8 @@ class Decoder:
         if tuple(input_ids.shape) == (1, 1):  # one token at batch 1: tell every unit once
             row = attention_mask[0] != 0  # [P + 1]
             hint = StepHint(mask_len=row.shape[0], real=bool(row[-1]), real_before=int(row[:-1].sum()))
+        elif input_ids.shape[1] == 1:  # one token in each of B rows
+            hint = RowsHint.of(attention_mask)
         units = self._unit_list()
         for unit in units:
             unit.step_hint = hint

@@ -26,6 +26,9 @@ Python branch (``_one_token``): the decode step's cost is dominated by the
 number of ops, not their size. A one-token step of several rows where some rows
 execute runs the unit on every row and blends: a unit's weights are read once
 whether it runs for one row or for B, so gathers would cost more than they save.
+For such steps the decoder hands every unit a ``RowsHint`` (which rows' new tokens
+are real, which are sinks), so a unit's routing work is its router, the decision,
+one read of the B decisions and the branch (``_one_token_rows``).
 
 ``branches`` (set by the ONNX decode export): threshold routing behind
 ``torch.cond`` instead of Python branches, so the exported graph holds ``If``
@@ -59,6 +62,27 @@ class StepHint:
     real_before: int  # real tokens before it: it is a sink iff real_before < n_sink
 
 
+@dataclass(frozen=True)
+class RowsHint:
+    """Facts about a one-new-token step of B rows that every unit would otherwise recompute."""
+
+    mask_len: int  # P + 1: the hint belongs to the call whose attention_mask has this length
+    real: torch.Tensor  # [B, 1] bool: the row's new token is real (not padding)
+    real_before: torch.Tensor  # [B, 1]: real tokens before it (a sink iff fewer than n_sink)
+    n_real: int  # real new tokens, sum(real)
+
+    @staticmethod
+    def of(attention_mask: torch.Tensor) -> RowsHint:
+        row = attention_mask != 0  # [B, P + 1]
+        real = row[:, -1:]
+        return RowsHint(mask_len=row.shape[1], real=real, real_before=row[:, :-1].sum(dim=1, keepdim=True),
+                        n_real=int(real.sum()))
+
+    def sinks(self, n_sink: int) -> torch.Tensor:
+        """``[B, 1]``: the new token is one of its row's first ``n_sink`` real tokens (``sink_mask``)."""
+        return self.real & (self.real_before < n_sink)
+
+
 class CachedRoutedUnit(RoutedUnit):
     cached = True
 
@@ -66,16 +90,18 @@ class CachedRoutedUnit(RoutedUnit):
         super().__init__(**kwargs)
         # kv_policy="drop": which past tokens are keys of this layer, [B, P] (None: all of them)
         self.keep: torch.Tensor | None = None
-        self.step_hint: StepHint | None = None  # set by the decoder around each batch-1 step
+        self.step_hint: StepHint | RowsHint | None = None  # set by the decoder around each one-token step
         # threshold routing behind torch.cond (ONNX If) rather than Python branches: the ONNX decode export
         self.branches = False
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *extras):
         hint = self.step_hint
-        if (hint is not None and hint.real and self.mode == "threshold" and self.sparse
-                and self.kv_policy == "keep" and x.shape[0] == 1 and x.shape[1] == 1
-                and attention_mask.shape[1] == hint.mask_len):
-            return self._one_token(x, extras, hint)
+        if (hint is not None and self.mode == "threshold" and self.sparse and self.kv_policy == "keep"
+                and x.shape[1] == 1 and attention_mask.shape[1] == hint.mask_len):
+            if isinstance(hint, StepHint) and hint.real and x.shape[0] == 1:
+                return self._one_token(x, extras, hint)
+            if isinstance(hint, RowsHint) and x.shape[0] == hint.real.shape[0] and not self.branches:
+                return self._one_token_rows(x, extras, hint)
         T = x.shape[1]
         full = attention_mask.bool()  # [B, P+T]
         pad = full[:, full.shape[1] - T:]  # [B, T], True on real new tokens
@@ -134,6 +160,30 @@ class CachedRoutedUnit(RoutedUnit):
             return forecast
         k, v, *cache = self.kv(*self._args(self.kv_roles, a, extras))  # the token's keys and values
         return self._with_cache(forecast, cache)
+
+    def _one_token_rows(self, x, extras, hint: RowsHint):
+        """Threshold routing of one new token in each of B rows: the general path's ops for T = 1,
+        minus what the hint already knows (padding, sinks) and with one read of the decisions."""
+        a = self.norm(x)  # [B, 1, D]
+        execute = self._decide(self.router.logits(a), hint.real, hint.sinks(self.n_sink))  # [B, 1]
+        flags = execute.view(-1).tolist()
+        executed = sum(flags)
+        if self.record:
+            self.executed += executed
+            self.tokens += hint.n_real
+        if executed == len(flags):  # nothing to skip: the unit as captured
+            return self.body(*self._args(self.body_roles, a, extras))
+        if executed == 0:
+            forecast = self._approximate(a, hint.real)
+            if self.kind == "mlp":
+                return forecast
+            k, v, *cache = self.kv(*self._args(self.kv_roles, a, extras))  # every row's keys and values
+            return self._with_cache(forecast, cache)
+        # some rows execute: run every row (the weights are read once either way) and blend
+        out = self.body(*self._args(self.body_roles, a, extras))
+        u, cache = (out[0], out[1:]) if self.kind == "attn" else (out, ())
+        approx = self._approximate(a, hint.real & ~execute)  # [B, 1, D]
+        return self._with_cache(torch.where(execute.unsqueeze(-1), u, approx), cache)
 
     def _threshold_f32(self) -> np.float32:
         """θ as a numpy float32, re-read only when the buffer changed (calibration writes it in place)."""

@@ -47,6 +47,7 @@ import torch
 from torch.fx import GraphModule
 
 from irc.generation.static_cache import kv_append
+from irc.nn.cached_unit import StepHint
 from irc.nn.decode_branches import folded_step
 from irc.nn.forecaster import Forecaster
 from irc.nn.routing_state import RoutingState
@@ -95,7 +96,7 @@ class FoldedUnit(RoutingState):
         self.query_roles = query_roles
         # decode graphs: per present key/value output of kv, (extra input holding the past, cat axis)
         self.cache = cache
-        self.step_hint = None  # irc.nn.cached_unit.StepHint, set by the decoder around batch-1 steps
+        self.step_hint = None  # irc.nn.cached_unit.StepHint (batch-1 steps) or RowsHint, set by the decoder
         self.compact = False  # decode graphs: the cache holds the sink slots only (compact_sink_caches)
         self.branches = False  # traced: the sink-slot work behind torch.cond (ONNX If), irc.nn.decode_branches
         self.mode = "folded"
@@ -254,7 +255,8 @@ class FoldedUnit(RoutingState):
     def _hint(self, attention_mask, T):
         """The decoder's ``StepHint`` when it belongs to this call (and branching is allowed)."""
         hint = self.step_hint
-        if hint is None or T != 1 or tuple(attention_mask.shape) != (1, hint.mask_len) or not self._eager():
+        if (not isinstance(hint, StepHint) or T != 1 or tuple(attention_mask.shape) != (1, hint.mask_len)
+                or not self._eager()):
             return None
         if self.compact and self.how == "forecast" and hint.real and hint.real_before < self.n_sink:
             return None  # a new sink with a sink-slot cache: the body would read the past as full length

@@ -183,6 +183,40 @@ def test_one_token_fast_path_equals_the_general_path():
     assert fast_fraction == slow_fraction and 0 < fast_fraction < 1
 
 
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_rows_fast_path_equals_the_general_path(family, monkeypatch):
+    """One-token steps of several rows take ``CachedRoutedUnit._one_token_rows`` (a RowsHint);
+    the general path must agree: logits, decisions (execute fractions), and a left-padded row
+    whose first real tokens are sinks while the other rows are past theirs."""
+    _, routed = tiny_routed(family)
+    routed.set_routing("threshold")
+    decoder = decoder_for(routed)
+    B, T = 3, 16
+    ids = torch.cat([_prompt(T, seed=s) for s in range(B)])
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[2, :6] = 0  # row 2 starts with padding: its first real tokens are decoded as sinks
+    calls = []
+    real = CachedRoutedUnit._one_token_rows
+    monkeypatch.setattr(CachedRoutedUnit, "_one_token_rows",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    results = []
+    for fast in (True, False):
+        decoder.reset_stats()
+        step = decoder.step if fast else _general_step(decoder)
+        with torch.no_grad():
+            logits, past = step(ids[:, :4], mask[:, :4], decoder.empty_cache(B))
+            steps = []
+            for t in range(4, T):
+                logits, past = step(ids[:, t:t + 1], mask[:, :t + 1], past)
+                steps.append(logits)
+        results.append((torch.cat(steps, dim=1), decoder.execute_fractions()))
+    (fast_logits, fast_fractions), (slow_logits, slow_fractions) = results
+    assert calls, "the rows fast path never ran"
+    assert torch.equal(fast_logits, slow_logits)
+    assert fast_fractions == slow_fractions
+    assert any(0 < f < 1 for f in fast_fractions.values() if f is not None)
+
+
 def _general_step(decoder):
     """``decoder.step`` without the StepHint: every unit takes the general cached path."""
     def step(ids, mask, past):
