@@ -33,6 +33,7 @@ demo: setup
 # `gpu` and `trt` tests skip with their reason on machines without them.
 # TEST_WORKERS processes (pytest-xdist), whole test files per worker, so a file's
 # module-scoped exports are built once: 14 min instead of 25 on a 2-core machine.
+# Each test has 20 min (pyproject: pytest-timeout); one that hangs fails with its stacks.
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15

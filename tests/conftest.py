@@ -23,6 +23,20 @@ from tiny import FAMILIES, save_tiny  # noqa: E402
 _REAL_CACHE = os.environ.get("IRC_CACHE")
 
 
+def _usable_cores(default_threads: int) -> int:
+    """The cores this process may run on: its CPU affinity, a cgroup CPU quota where one is set,
+    and never more than torch's own default. ``os.cpu_count()`` is the host's count: in a
+    container pinned to 2 of 64 cores it says 64, and 32 threads per worker crawl."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(cores, default_threads))
+
+
 def pytest_configure(config):
     # Under pytest-xdist (`make test` runs 2 workers) each worker gets its share of
     # the cores, so two workers do not run 2 + 2 intra-op threads on 2 cores.
@@ -30,7 +44,25 @@ def pytest_configure(config):
     if workers > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(max(1, _usable_cores(torch.get_num_threads()) // workers))
+
+
+def pytest_report_header(config):
+    import torch
+
+    workers = getattr(config.option, "numprocesses", None) or 1
+    cores = _usable_cores(torch.get_num_threads())
+    return (f"cores: os.cpu_count() {os.cpu_count()}, usable {cores}; "
+            f"torch threads per worker: {max(1, cores // workers) if workers > 1 else torch.get_num_threads()}")
+
+
+SLOW_REPORT_S = 120
+
+
+def pytest_runtest_logreport(report):
+    # a test over SLOW_REPORT_S is named as it ends (also where a run is cut off before --durations)
+    if report.when == "call" and report.duration > SLOW_REPORT_S and "PYTEST_XDIST_WORKER" not in os.environ:
+        print(f"\n[{report.duration:.0f}s] {report.nodeid}", file=sys.stderr, flush=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if routing == "dense":  # every unit runs, no router: the dense model's cost
         result.execute_fraction = 1.0
         result.execute_fractions = {name: 1.0 for name in routed.units}
-    # ONNX Runtime does not report decisions (n/a): count FLOPs as dense there
+    # an ONNX file without a decisions output reports none (n/a): count FLOPs as dense there
     fractions = {} if routing == "dense" or result.execute_fraction is None else result.execute_fractions
     flops = decode_flops(routed.arch, routed.plan, fractions, context)
     kinds = _by_kind(result.execute_fractions)

@@ -4,7 +4,8 @@ One graph serves the prompt and every decode step, as in PyTorch
 (``irc.generation.capture``)::
 
     decode.onnx(input_ids [B, T], attention_mask [B, P+T], past.{l}.key / past.{l}.value [B, Hkv, P, hd])
-        -> logits [B, T, V], present.{l}.key / present.{l}.value [B, Hkv, P+T, hd]
+        -> logits [B, T, V], present.{l}.key / present.{l}.value [B, Hkv, P+T, hd],
+           decisions [U, B, T] (threshold routing: each routed unit's executed tokens, bool)
 
 with P = 0 for the prompt (prompts shorter than 4 tokens left-padded, as
 ``generate`` does). A forecast-folded attention layer keeps its sinks only
@@ -20,6 +21,11 @@ manifest's ``cache.sink_slots`` names those tensors. Routing in the file:
   ``branches=False``: branch-free (the unit and the forecaster run on every new
   token, the decision selects): the same tokens, none of the speed.
 - ``dense``: every unit runs (the base model with a KV cache).
+
+``decisions`` (threshold routing, ``OnnxDecodeConfig.decisions``): row u is the
+decision of routed unit u (the manifest's ``decision_units``) on every new token,
+True where it executed (a real token, routed or a sink); ``OrtDecoder`` counts them,
+so generation through ONNX Runtime reports its execute fraction as PyTorch does.
 
 ``portable`` profile (standard ONNX ops), fp32. The export is not done until
 ONNX Runtime has generated from sample prompts (an odd length, a left-padded
@@ -70,6 +76,7 @@ from irc.passes.route_decoder_blocks import folded_modules
 
 ROUTINGS = ("threshold", "dense")
 FILE = "decode.onnx"
+DECISIONS = "decisions"  # the output of every routed unit's decisions, [U, B, T] bool
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,8 @@ class OnnxDecodeConfig:
     verify_tokens: int = 8
     # threshold routing behind ONNX If nodes (torch.cond, irc.nn.decode_branches); False: branch-free
     branches: bool = True
+    # threshold routing: a ``decisions [U, B, T]`` output, so ONNX Runtime reports the execute fraction
+    decisions: bool = True
 
     def __post_init__(self):
         if self.routing not in ROUTINGS:
@@ -93,12 +102,27 @@ class OnnxDecodeConfig:
 
 
 class _Step(torch.nn.Module):
-    def __init__(self, gm):
+    """The decode step; with ``units``, also every routed unit's decisions ``[U, B, T]`` (bool, graph order)."""
+
+    def __init__(self, gm, units: list | None = None):
         super().__init__()
         self.gm = gm
+        self.units = units or []
 
     def forward(self, input_ids, attention_mask, *past):
-        return self.gm(input_ids, attention_mask, *past)
+        if not self.units:
+            return self.gm(input_ids, attention_mask, *past)
+        collected: list[torch.Tensor] = []
+        for unit in self.units:
+            unit.decisions = collected
+        try:
+            logits, *present = self.gm(input_ids, attention_mask, *past)
+        finally:
+            for unit in self.units:
+                unit.decisions = None
+        if len(collected) != len(self.units):
+            raise RuntimeError(f"{len(collected)} of {len(self.units)} routed units reported decisions")
+        return logits, *present, torch.stack(collected)
 
 
 def _names(n_cache: int) -> tuple[list[str], list[str]]:
@@ -168,6 +192,8 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
     n_cache = len(decoder.empty_cache(1))
     slots = decoder.cache_slots()  # per cache tensor: n_sink where it keeps the sinks only, else None
     past_names, present_names = _names(n_cache)
+    reported = list(decoder.units) if config.decisions and config.routing == "threshold" else []
+    extra_outputs = [DECISIONS] if reported else []
     start = time.perf_counter()
     B, P, T = 2, 5, 3
     ids = torch.randint(0, routed.arch.vocab, (B, T))
@@ -182,7 +208,8 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
                "past": tuple({0: batch, 2: past_len if n is None else sinks[n]} for n in slots)}
     try:
         with torch.no_grad():
-            ep = torch.export.export(_Step(decoder.gm), (ids, mask, *past), dynamic_shapes=dynamic, strict=False,
+            step = _Step(decoder.gm, [decoder.units[name] for name in reported])
+            ep = torch.export.export(step, (ids, mask, *past), dynamic_shapes=dynamic, strict=False,
                                      prefer_deferred_runtime_asserts_over_guards=True)
         if config.branches:
             _drop_shape_asserts(ep)
@@ -191,7 +218,7 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
         program = torch.onnx.export(ep, dynamo=True, custom_translation_table=_translations(config.profile),
                                     opset_version=config.opset, verbose=False,
                                     input_names=["input_ids", "attention_mask", *past_names],
-                                    output_names=["logits", *present_names])
+                                    output_names=["logits", *present_names, *extra_outputs])
         log(f"lowered to ONNX opset {config.opset} in {time.perf_counter() - start:.1f}s")
     finally:
         _unbranch(decoder)
@@ -211,7 +238,8 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
             "base": {"source": routed.base.source.given, "weights_sha256": routed.base.weights_sha256},
             "plan": routed.plan.to_dict(), "routing": config.routing, "profile": config.profile,
             "opset": config.opset, "dtype": "float32", "routing_sha256": routing_digest(routed),
-            "inputs": ["input_ids", "attention_mask", *past_names], "outputs": ["logits", *present_names],
+            "inputs": ["input_ids", "attention_mask", *past_names],
+            "outputs": ["logits", *present_names, *extra_outputs], "decision_units": reported,
             "cache": {"tensors": n_cache, "kv_heads": int(past[0].shape[1]), "head_dim": int(past[0].shape[3]),
                       "sink_slots": {past_names[i]: n for i, n in enumerate(slots) if n is not None}},
             "min_context": 4, "verification": verification, "config": asdict(config),
@@ -245,24 +273,27 @@ def verify_decode(routed, path: Path, config: OnnxDecodeConfig) -> dict:
 
     ort_decoder = OrtDecoder(path)
     decoder = decoder_for(routed)
-    saved = {name: (u.mode, u.sparse) for name, u in decoder.units.items()}
+    saved = {name: (u.mode, u.sparse, u.record) for name, u in decoder.units.items()}
     gen = GenerationConfig(max_new_tokens=config.verify_tokens, stop_at_eos=False)
     worst, equal, cases = 0.0, True, []
     try:
         for unit in decoder.units.values():
-            unit.mode = config.routing
+            unit.mode, unit.record = config.routing, True
         for ids, mask in sample_prompts(routed.arch.vocab, seed=1):
             want = generate(decoder, ids, mask, gen)
             got = generate(ort_decoder, ids, mask, gen)
             same = want.tokens == got.tokens
+            if ort_decoder.decision_units:  # recorded, not required: a margin at θ may round either way
+                case_decisions = list(got.execute_fractions.values()) == list(want.execute_fractions.values())
             # logits of the prompt and of one decode step, along PyTorch's tokens
             diff = _logit_diff(decoder, ort_decoder, ids, mask, want.tokens)
             worst, equal = max(worst, diff), equal and same
             cases.append({"shape": list(ids.shape), "padded": bool((mask == 0).any()), "tokens_equal": same,
-                          "max_abs_diff": diff})
+                          "max_abs_diff": diff, "execute_fraction": got.execute_fraction,
+                          **({"decisions_equal": case_decisions} if ort_decoder.decision_units else {})})
     finally:
         for name, unit in decoder.units.items():
-            unit.mode, unit.sparse = saved[name]
+            unit.mode, unit.sparse, unit.record = saved[name]
     return {"passed": equal and worst <= config.atol, "tokens_equal": equal, "max_abs_diff": worst,
             "atol": config.atol, "cases": cases, "onnxruntime": ort.__version__}
 
@@ -298,6 +329,13 @@ class OrtDecoder:
         self.cache_names = [i.name for i in inputs[2:]]
         self.kv_heads, self.head_dim = inputs[2].shape[1], inputs[2].shape[3]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # routed units reporting their decisions (the file's ``decisions`` output), in its row order;
+        # named by the manifest (a file not yet given one, as verify_decode runs it: by position)
+        self.decision_units: list[str] = []
+        if DECISIONS in self.output_names:
+            rows = self.session.get_outputs()[self.output_names.index(DECISIONS)].shape[0]
+            self.decision_units = self.manifest.get("decision_units") or [f"unit{i}" for i in range(rows)]
+        self.reset_stats()
         # I/O binding (kv_cache="static"): the cache lives where the session computes
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self._binding = None  # (session, its IOBinding): made on first use, anew if the session is replaced
@@ -330,6 +368,8 @@ class OrtDecoder:
             return self._bound_step(feeds, past)
         feeds.update(zip(self.cache_names, past, strict=True))
         logits, *present = self.session.run(self.output_names, feeds)
+        if self.decision_units:
+            self._count(present.pop(), feeds["attention_mask"])
         return torch.from_numpy(logits), present
 
     def _bound_step(self, feeds: dict, past: list):
@@ -342,21 +382,35 @@ class OrtDecoder:
             binding.bind_cpu_input(name, value)
         for name, value in zip(self.cache_names, past, strict=True):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")  # the one output that leaves ORT
+        binding.bind_output("logits", "cpu")  # the outputs that leave ORT: logits and decisions
         for name in self.output_names[1:]:
-            binding.bind_output(name, self.device)
+            binding.bind_output(name, "cpu" if name == DECISIONS else self.device)
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
+        if self.decision_units:
+            self._count(present.pop().numpy(), feeds["attention_mask"])
         return torch.from_numpy(logits.numpy()), present
 
+    def _count(self, decisions: np.ndarray, attention_mask) -> None:
+        """Add one step's decisions ``[U, B, T]`` (executed real tokens) to the per-unit counters."""
+        mask = np.asarray(attention_mask)
+        self.executed += decisions.reshape(decisions.shape[0], -1).sum(axis=1)
+        self.tokens += int((mask[:, mask.shape[1] - decisions.shape[2]:] != 0).sum())
+
     def reset_stats(self) -> None:
-        pass
+        self.executed = np.zeros(len(self.decision_units), dtype=np.int64)
+        self.tokens = 0  # real new tokens: each unit decided on every one
 
     def execute_fraction(self) -> float | None:
-        return None  # the file does not report its routing decisions
+        """Executed / real tokens over every routed unit since ``reset_stats``; None where the file
+        reports no decisions (dense routing, or an export without the ``decisions`` output)."""
+        if not self.decision_units or not self.tokens:
+            return None
+        return float(self.executed.sum()) / (self.tokens * len(self.decision_units))
 
-    def execute_fractions(self) -> dict:
-        return {}
+    def execute_fractions(self) -> dict[str, float | None]:
+        return {name: (float(n) / self.tokens if self.tokens else None)
+                for name, n in zip(self.decision_units, self.executed, strict=True)}
 
 
 def routing_digest(routed) -> str:
@@ -380,7 +434,8 @@ def load_or_export_decode(routed, onnx_dir: str | Path | None, config: OnnxDecod
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         if (m.get("routing_sha256") == digest and m.get("routing") == config.routing
-                and m.get("config", {}).get("branches", False) == config.branches):
+                and m.get("config", {}).get("branches", False) == config.branches
+                and m.get("config", {}).get("decisions", False) == config.decisions):
             log(f"onnx        reusing {onnx_dir / FILE} (verified at export)")
             return OrtDecoder(onnx_dir)
     log(f"onnx        exporting the decode step to {onnx_dir / FILE} (once)")

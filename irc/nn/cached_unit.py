@@ -93,6 +93,8 @@ class CachedRoutedUnit(RoutedUnit):
         self.step_hint: StepHint | RowsHint | None = None  # set by the decoder around each one-token step
         # threshold routing behind torch.cond (ONNX If) rather than Python branches: the ONNX decode export
         self.branches = False
+        # the ONNX decode export collects every unit's decisions [B, T] here, in graph order (a file output)
+        self.decisions: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *extras):
         hint = self.step_hint
@@ -115,6 +117,8 @@ class CachedRoutedUnit(RoutedUnit):
         logits = self.router(a)  # [B, T, 2]
         execute = self._decide(logits, pad, sinks)  # [B, T] bool
         self._count(execute, pad)
+        if self.decisions is not None:
+            self.decisions.append(execute)
         keep = self._step_keep(execute, pad, full)
         if self.branches and self.mode == "threshold" and keep is None:
             return routed_step(self, a, extras, execute, pad)

@@ -7,6 +7,7 @@ branches themselves: test_onnx_decode_branches.py.
 """
 
 import json
+from dataclasses import replace
 
 import onnx
 import pytest
@@ -35,11 +36,22 @@ def test_ort_generation_equals_pytorch(family, routing, tmp_path):
     g = torch.Generator().manual_seed(7)
     rows = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (2, 9, 6)]  # 2: left-padded to 4
     ids, mask = left_pad(rows, pad_id=2)
+    routed.set_routing(routing, record=True)
     want = generate(routed, ids, mask, GREEDY)
     got = generate(ort_decoder, ids, mask, GREEDY)
     assert got.tokens == want.tokens
     if routing == "threshold":
         assert 0.0 < want.execute_fraction < 1.0  # routing skipped work in those very steps
+        # the file's decisions output: the same decisions as PyTorch's, unit by unit, decode steps only
+        assert manifest["decision_units"] == list(routed.units)
+        assert got.execute_fractions == want.execute_fractions
+        copied = generate(ort_decoder, ids, mask, replace(GREEDY, kv_cache="copy"))  # session.run, no binding
+        assert copied.tokens == want.tokens and copied.execute_fractions == want.execute_fractions
+        assert got.execute_fraction == pytest.approx(want.execute_fraction, abs=1e-12)
+        assert all(c["decisions_equal"] for c in manifest["verification"]["cases"])
+    else:
+        assert "decisions" not in [o.name for o in model.graph.output]
+        assert got.execute_fraction is None
 
 
 def test_refuses_what_it_cannot_verify(tmp_path):
