@@ -93,12 +93,22 @@ class OnnxDecodeConfig:
     decisions: bool = True
 
     def __post_init__(self):
+        if self.routing == "dense":  # every unit runs: there are no decisions to report
+            object.__setattr__(self, "decisions", False)
         if self.routing not in ROUTINGS:
             raise UserError(f"ONNX decode routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
         if self.profile != "portable":
             raise UserError(f"ONNX decode supports the portable profile only, got {self.profile!r}")
         if self.verify_tokens < 1:
             raise UserError(f"verify_tokens must be positive, got {self.verify_tokens}")
+
+    def cache_key(self) -> str:
+        """The settings that make the file, for the export cache: ``decisions`` (added after the first
+        exports) only where set, so a dense file exported before it still counts as made the same way."""
+        fields = asdict(self)
+        if not fields.pop("decisions"):
+            return f"OnnxDecodeConfig({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+        return repr(self)
 
 
 class _Step(torch.nn.Module):
@@ -427,7 +437,8 @@ def load_or_export_decode(routed, onnx_dir: str | Path | None, config: OnnxDecod
 
     digest = routing_digest(routed)
     if onnx_dir is None:
-        key = hashlib.sha256(f"{routed.base.weights_sha256}{digest}{routed.plan.to_dict()}{config}".encode())
+        key = hashlib.sha256(f"{routed.base.weights_sha256}{digest}{routed.plan.to_dict()}{config.cache_key()}"
+                             .encode())
         onnx_dir = cache_dir("onnx-decode", key.hexdigest()[:16])
     onnx_dir = Path(onnx_dir)
     manifest = onnx_dir / f"{FILE}.json"
