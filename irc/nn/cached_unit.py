@@ -159,7 +159,7 @@ class CachedRoutedUnit(RoutedUnit):
             self.tokens += 1
         if execute:
             return self.body(*self._args(self.body_roles, a, extras))
-        forecast = self.forecaster(a) if self.forecaster is not None else torch.zeros_like(a)
+        forecast = self.forecaster.step(a) if self.forecaster is not None else torch.zeros_like(a)
         if self.kind == "mlp":
             return forecast
         k, v, *cache = self.kv(*self._args(self.kv_roles, a, extras))  # the token's keys and values

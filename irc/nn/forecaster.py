@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from irc.nn.small_linear import small_linear
+
 
 class Forecaster(nn.Module):
     """``F(a) = W2 · act(W1 · a + b1) + b2`` with rank r; ``act`` is SiLU (the paper's form)
@@ -28,6 +30,11 @@ class Forecaster(nn.Module):
     def forward(self, a: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D]
         h = self.w1(a)
         return self.w2(F.silu(h) if self.activation == "silu" else h)
+
+    def step(self, a: torch.Tensor) -> torch.Tensor:
+        """``forward`` for the few rows of a decode step (``small_linear``)."""
+        h = small_linear(a, self.w1.weight, self.w1.bias)
+        return small_linear(F.silu(h) if self.activation == "silu" else h, self.w2.weight, self.w2.bias)
 
     def flops_per_token(self) -> int:
         return 2 * (self.w1.weight.numel() + self.w2.weight.numel())

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from irc.nn.small_linear import small_linear
 
 
 class Router(nn.Module):
@@ -27,7 +28,7 @@ class Router(nn.Module):
         return self.fc2(torch.relu(self.fc1(a.to(self.fc1.weight.dtype))))
 
     def logits(self, a: torch.Tensor) -> torch.Tensor:
-        """``forward`` without the module-call machinery (hooks, dispatch): the same ops, for the
-        batch-1 decode step, where a unit's routing work is a handful of tiny ops."""
-        h = F.linear(a.to(self.fc1.weight.dtype), self.fc1.weight, self.fc1.bias)
-        return F.linear(torch.relu(h), self.fc2.weight, self.fc2.bias)
+        """``forward`` without the module-call machinery (hooks, dispatch), for the few rows of a
+        decode step, where a unit's routing work is a handful of tiny ops (``small_linear``)."""
+        h = small_linear(a.to(self.fc1.weight.dtype), self.fc1.weight, self.fc1.bias)
+        return small_linear(torch.relu(h), self.fc2.weight, self.fc2.bias)

@@ -183,6 +183,36 @@ def test_one_token_fast_path_equals_the_general_path():
     assert fast_fraction == slow_fraction and 0 < fast_fraction < 1
 
 
+def test_one_token_fast_path_in_bf16_decides_as_the_general_path():
+    """bf16: the fast path's routers and forecasters run outside oneDNN (``small_linear``); the same
+    decisions as the general path's ``F.linear``, logits within bf16 rounding."""
+    from routed_helpers import randomize_routing, tiny_loaded
+
+    import irc
+
+    routed = irc.route(tiny_loaded("qwen3", dtype=torch.bfloat16), RoutingPlan(lff_rank=16, n_sink=2))
+    randomize_routing(routed)
+    routed.set_routing("threshold")
+    decoder = decoder_for(routed)
+    assert next(iter(decoder.units.values())).router.fc1.weight.dtype == torch.bfloat16
+    ids = _prompt(16, seed=5)
+    results = []
+    for fast in (True, False):
+        decoder.reset_stats()
+        step = decoder.step if fast else _general_step(decoder)
+        with torch.no_grad():
+            logits, past = step(ids[:, :4], torch.ones(1, 4, dtype=torch.long), decoder.empty_cache(1))
+            steps = []
+            for t in range(4, 16):
+                logits, past = step(ids[:, t:t + 1], torch.ones(1, t + 1, dtype=torch.long), past)
+                steps.append(logits.float())
+        results.append((torch.cat(steps, dim=1), decoder.execute_fractions()))
+    (fast_logits, fast_fractions), (slow_logits, slow_fractions) = results
+    assert fast_fractions == slow_fractions
+    assert any(0 < f < 1 for f in fast_fractions.values() if f is not None)
+    torch.testing.assert_close(fast_logits, slow_logits, rtol=2 ** -6, atol=2 ** -6)
+
+
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_rows_fast_path_equals_the_general_path(family, monkeypatch):
     """One-token steps of several rows take ``CachedRoutedUnit._one_token_rows`` (a RowsHint);
