@@ -178,7 +178,7 @@ class CachedRoutedUnit(RoutedUnit):
         if executed == len(flags):  # nothing to skip: the unit as captured
             return self.body(*self._args(self.body_roles, a, extras))
         if executed == 0:
-            forecast = self._approximate(a, hint.real)
+            forecast = self._forecast_rows(a, hint.real)
             if self.kind == "mlp":
                 return forecast
             k, v, *cache = self.kv(*self._args(self.kv_roles, a, extras))  # every row's keys and values
@@ -186,8 +186,14 @@ class CachedRoutedUnit(RoutedUnit):
         # some rows execute: run every row (the weights are read once either way) and blend
         out = self.body(*self._args(self.body_roles, a, extras))
         u, cache = (out[0], out[1:]) if self.kind == "attn" else (out, ())
-        approx = self._approximate(a, hint.real & ~execute)  # [B, 1, D]
+        approx = self._forecast_rows(a, hint.real & ~execute)  # [B, 1, D]
         return self._with_cache(torch.where(execute.unsqueeze(-1), u, approx), cache)
+
+    def _forecast_rows(self, a, where):
+        """``_approximate`` for a decode step's few rows (``Forecaster.step``)."""
+        if self.forecaster is None:
+            return torch.zeros_like(a)
+        return self.forecaster.step(a) * where.unsqueeze(-1).to(a.dtype)
 
     def _threshold_f32(self) -> np.float32:
         """θ as a numpy float32, re-read only when the buffer changed (calibration writes it in place)."""
