@@ -1,7 +1,7 @@
-"""Where routed decoding spends its time: one decode step at batch 1, four ways.
+"""Where routed decoding spends its time: one decode step, four ways.
 
-After a --prompt-len prefill, times --steps greedy decode steps of the routed
-model's decode graph (torch, bf16) in four settings that isolate the routing
+After a --prompt-len prefill of --batch rows, times --steps greedy decode steps of the
+routed model's decode graph (torch, --dtype) in four settings that isolate the routing
 cost from the compute it saves:
 
 - dense:      every unit runs, no router (the baseline);
@@ -11,14 +11,21 @@ cost from the compute it saves:
 - none-exec:  thresholds at +∞: every unit is approximated (the most routing can
               save, forecasts included);
 - unrouted:   the base model's decode graph before the routing pass (what `dense`
-              costs without the routed units' module calls).
+              costs without the routed units' module calls);
+- threshold (F.linear), all-exec (F.linear): as threshold and all-exec, with the
+              routers' and forecasters' products through ``F.linear`` instead of
+              ``irc.nn.small_linear`` (oneDNN's per-call setup in bf16: the ablation).
+
+LoRA weights (W + BA) are computed once per run, as ``generate`` does.
 
     .venv/bin/python bench/decode_overhead.py --model runs/bench-quality-standard/informed-0.25
+    .venv/bin/python bench/decode_overhead.py --model runs/frontier/informed-folded@0.20 --batch 8
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -26,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parametrize
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,6 +43,23 @@ from irc.generation.decoder import decoder_for  # noqa: E402
 
 SETTINGS = {"dense": ("dense", None), "threshold": ("threshold", None),
             "all-exec": ("threshold", -1e9), "none-exec": ("threshold", 1e9)}
+ABLATED = {"threshold (F.linear)": ("threshold", None), "all-exec (F.linear)": ("threshold", -1e9)}
+
+
+@contextlib.contextmanager
+def plain_linear():
+    """Routers and forecasters through ``F.linear`` (what they ran before ``small_linear``)."""
+    import torch.nn.functional as F
+
+    import irc.nn.forecaster
+    import irc.nn.router
+
+    saved = irc.nn.router.small_linear, irc.nn.forecaster.small_linear
+    irc.nn.router.small_linear = irc.nn.forecaster.small_linear = F.linear
+    try:
+        yield
+    finally:
+        irc.nn.router.small_linear, irc.nn.forecaster.small_linear = saved
 
 
 def step_ms(routed, decoder, ids, mode, threshold, steps, graph=None) -> float:
@@ -52,13 +77,14 @@ def step_ms(routed, decoder, ids, mode, threshold, steps, graph=None) -> float:
             unit.threshold.fill_(threshold)
     decoder.sync()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), parametrize.cached():
             mask = torch.ones_like(ids)
-            logits, past = step(ids, mask, decoder.empty_cache(1))
+            B = ids.shape[0]
+            logits, past = step(ids, mask, decoder.empty_cache(B, capacity=ids.shape[1] + steps + 1))
             token = logits[:, -1].argmax(-1, keepdim=True)
             start = time.perf_counter()
             for _ in range(steps):
-                mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
                 logits, past = step(token, mask, past)
                 token = logits[:, -1].argmax(-1, keepdim=True)
             return (time.perf_counter() - start) / steps * 1e3
@@ -73,33 +99,39 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "decode_overhead"))
     args = p.parse_args()
 
     from irc.benchmark.speed import text_inputs
     from irc.generation.capture import capture_decode
 
-    routed = irc.load(args.model)
+    routed = irc.load(args.model, dtype=args.dtype)
     decoder = decoder_for(routed)
     unrouted = capture_decode(routed.base.model).gm
-    ids, _ = text_inputs(routed.base.tokenizer, 1, args.prompt_len)
-    times = {name: [] for name in (*SETTINGS, "unrouted")}
+    ids, _ = text_inputs(routed.base.tokenizer, args.batch, args.prompt_len)
+    times = {name: [] for name in (*SETTINGS, "unrouted", *ABLATED)}
     for _ in range(args.repeats):  # settings interleaved, so noise hits all alike
         for name, (mode, threshold) in SETTINGS.items():
             times[name].append(step_ms(routed, decoder, ids, mode, threshold, args.steps))
         times["unrouted"].append(step_ms(routed, decoder, ids, "dense", None, args.steps, graph=unrouted))
+        with plain_linear():
+            for name, (mode, threshold) in ABLATED.items():
+                times[name].append(step_ms(routed, decoder, ids, mode, threshold, args.steps))
     ms = {name: statistics.median(v) for name, v in times.items()}
     command = "python bench/decode_overhead.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
-        {"command": command.strip(), "model": args.model, "prompt_len": args.prompt_len, "steps": args.steps,
+        {"command": command.strip(), "model": args.model, "batch": args.batch, "dtype": args.dtype,
+         "prompt_len": args.prompt_len, "steps": args.steps,
          "repeats": args.repeats, "ms_per_step": ms, "all_runs": times, "torch": torch.__version__,
          "threads": torch.get_num_threads()}, indent=2) + "\n")
-    lines = ["# Routed decoding at batch 1: routing overhead vs what it saves", "",
-             f"Model `{args.model}` (torch {torch.__version__}, bf16, {torch.get_num_threads()} threads); "
+    lines = [f"# Routed decoding at batch {args.batch}: routing overhead vs what it saves", "",
+             f"Model `{args.model}` (torch {torch.__version__}, {args.dtype}, {torch.get_num_threads()} threads); "
              f"{args.steps} greedy decode steps after a {args.prompt_len}-token prompt; median of "
-             f"{args.repeats} interleaved repeats.", "", f"Command: `{command.strip()}`", "",
+             f"{args.repeats} interleaved repeats; the static cache (written in place).", "", f"Command: `{command.strip()}`", "",
              "| setting | ms per step | vs dense |", "|---|---:|---:|"]
     for name, value in ms.items():
         lines.append(f"| {name} | {value:.2f} | {ms['dense'] / value:.2f}× |")
