@@ -28,7 +28,9 @@ execute runs the unit on every row and blends: a unit's weights are read once
 whether it runs for one row or for B, so gathers would cost more than they save.
 For such steps the decoder hands every unit a ``RowsHint`` (which rows' new tokens
 are real, which are sinks), so a unit's routing work is its router, the decision,
-one read of the B decisions and the branch (``_one_token_rows``).
+one read of the B decisions and the branch (``_one_token_rows``). Both fast paths run
+the router and forecaster through ``irc.nn.small_linear`` (in bf16 on the CPU, outside
+oneDNN, whose per-call setup outweighs these products at one token).
 
 ``branches`` (set by the ONNX decode export): threshold routing behind
 ``torch.cond`` instead of Python branches, so the exported graph holds ``If``
