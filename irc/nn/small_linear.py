@@ -11,11 +11,11 @@ after its bf16 rounding loses up to 2% where the bias cancels the product: enoug
 flip routing decisions (tests/nn/test_small_linear.py).
 
 At 8 rows oneDNN is as fast or faster (576 → 100: 67 µs against ATen's 138), so only a
-single row leaves it. ``small_linear`` switches oneDNN off around the one call (0.2 µs),
-one bf16 row on the CPU only;
-fp32 (BLAS, no such setup cost) and other devices take ``F.linear`` unchanged, so
-fp32 results stay bit-identical to the general path's. Only the decode step's eager
-fast paths call it; a prompt (many rows) and traced or exported graphs keep ``F.linear``.
+single row leaves it. ``small_linear`` switches oneDNN off around that one call (0.2 µs),
+for one bf16 row on the CPU only; fp32 (BLAS, no such setup cost), several rows and other
+devices take ``F.linear`` unchanged, so fp32 results stay bit-identical to the general
+path's. Only the decode step's eager fast paths call it; a prompt and traced or exported
+graphs keep ``F.linear``.
 """
 
 from __future__ import annotations
