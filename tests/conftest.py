@@ -28,12 +28,16 @@ def _usable_cores(default_threads: int) -> int:
     and never more than torch's own default. ``os.cpu_count()`` is the host's count: in a
     container pinned to 2 of 64 cores it says 64, and 32 threads per worker crawl."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:  # cgroup v2 ("max" or "QUOTA PERIOD"), then v1 (-1 when unlimited)
+            root = Path("/sys/fs/cgroup")
+            fields = (root / quota_file).read_text().split()
+            quota, period = (fields[0], fields[1]) if period_file is None else \
+                (fields[0], (root / period_file).read_text().strip())
+            if quota not in ("max", "-1"):
+                cores = min(cores, max(1, int(quota) // int(period)))
+        except (OSError, ValueError, IndexError):
+            pass
     return max(1, min(cores, default_threads))
 
 
