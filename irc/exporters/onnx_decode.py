@@ -202,7 +202,7 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
     n_cache = len(decoder.empty_cache(1))
     slots = decoder.cache_slots()  # per cache tensor: n_sink where it keeps the sinks only, else None
     past_names, present_names = _names(n_cache)
-    reported = list(decoder.units) if config.decisions and config.routing == "threshold" else []
+    reported = list(decoder.units) if config.decisions else []  # dense: decisions is off
     extra_outputs = [DECISIONS] if reported else []
     start = time.perf_counter()
     B, P, T = 2, 5, 3
@@ -293,14 +293,15 @@ def verify_decode(routed, path: Path, config: OnnxDecodeConfig) -> dict:
             want = generate(decoder, ids, mask, gen)
             got = generate(ort_decoder, ids, mask, gen)
             same = want.tokens == got.tokens
-            if ort_decoder.decision_units:  # recorded, not required: a margin at θ may round either way
-                case_decisions = list(got.execute_fractions.values()) == list(want.execute_fractions.values())
             # logits of the prompt and of one decode step, along PyTorch's tokens
             diff = _logit_diff(decoder, ort_decoder, ids, mask, want.tokens)
             worst, equal = max(worst, diff), equal and same
-            cases.append({"shape": list(ids.shape), "padded": bool((mask == 0).any()), "tokens_equal": same,
-                          "max_abs_diff": diff, "execute_fraction": got.execute_fraction,
-                          **({"decisions_equal": case_decisions} if ort_decoder.decision_units else {})})
+            case = {"shape": list(ids.shape), "padded": bool((mask == 0).any()), "tokens_equal": same,
+                    "max_abs_diff": diff, "execute_fraction": got.execute_fraction}
+            if ort_decoder.decision_units:  # recorded, not required: a margin at θ may round either way
+                case["decisions_equal"] = (list(got.execute_fractions.values())
+                                           == list(want.execute_fractions.values()))
+            cases.append(case)
     finally:
         for name, unit in decoder.units.items():
             unit.mode, unit.sparse, unit.record = saved[name]
