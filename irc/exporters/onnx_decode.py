@@ -27,6 +27,13 @@ decision of routed unit u (the manifest's ``decision_units``) on every new token
 True where it executed (a real token, routed or a sink); ``OrtDecoder`` counts them,
 so generation through ONNX Runtime reports its execute fraction as PyTorch does.
 
+Grouped-query attention (``OnnxDecodeConfig.grouped_attention``, the default): the
+file attends with the cache's own Hkv heads, the query's n_rep heads per key/value
+head as rows of one matmul (``irc.passes.grouped_kv_attention``); False writes the
+exporter's SDPA over keys and values expanded n_rep-fold, which copies the whole
+cache n_rep-fold and transposes it every step (SmolLM2 dense at B = 1: 31.8 →
+25.0 ms per step, ``bench/decode_speed.py``).
+
 ``portable`` profile (standard ONNX ops), fp32. The export is not done until
 ONNX Runtime has generated from sample prompts (an odd length, a left-padded
 batch) the same tokens as PyTorch, greedy, with logits within ``FP32_ATOL``;
@@ -72,6 +79,7 @@ from torch.export import Dim
 from irc import __version__
 from irc.errors import UserError
 from irc.exporters.onnx import FP32_ATOL, _translations
+from irc.passes.grouped_kv_attention import expanded_export
 from irc.passes.route_decoder_blocks import folded_modules
 
 ROUTINGS = ("threshold", "dense")
@@ -91,6 +99,9 @@ class OnnxDecodeConfig:
     branches: bool = True
     # threshold routing: a ``decisions [U, B, T]`` output, so ONNX Runtime reports the execute fraction
     decisions: bool = True
+    # grouped-query attention as matmuls over the cache's own heads (irc.passes.grouped_kv_attention);
+    # False: the exporter's SDPA over n_rep-fold keys and values, expanded every step (files before it)
+    grouped_attention: bool = True
 
     def __post_init__(self):
         if self.routing == "dense":  # every unit runs: there are no decisions to report
@@ -103,12 +114,12 @@ class OnnxDecodeConfig:
             raise UserError(f"verify_tokens must be positive, got {self.verify_tokens}")
 
     def cache_key(self) -> str:
-        """The settings that make the file, for the export cache: ``decisions`` (added after the first
-        exports) only where set, so a dense file exported before it still counts as made the same way."""
+        """The settings that make the file, for the export cache. ``decisions`` and ``grouped_attention``
+        (added after the first exports) count only where set, so a file exported before them, made
+        the same way, keeps its key."""
         fields = asdict(self)
-        if not fields.pop("decisions"):
-            return f"OnnxDecodeConfig({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
-        return repr(self)
+        fields = {k: v for k, v in fields.items() if v or k not in ("decisions", "grouped_attention")}
+        return f"OnnxDecodeConfig({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
 
 class _Step(torch.nn.Module):
@@ -217,7 +228,7 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.AUTO},
                "past": tuple({0: batch, 2: past_len if n is None else sinks[n]} for n in slots)}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), expanded_export(not config.grouped_attention):
             step = _Step(decoder.gm, [decoder.units[name] for name in reported])
             ep = torch.export.export(step, (ids, mask, *past), dynamic_shapes=dynamic, strict=False,
                                      prefer_deferred_runtime_asserts_over_guards=True)
@@ -447,7 +458,8 @@ def load_or_export_decode(routed, onnx_dir: str | Path | None, config: OnnxDecod
         m = json.loads(manifest.read_text())
         if (m.get("routing_sha256") == digest and m.get("routing") == config.routing
                 and m.get("config", {}).get("branches", False) == config.branches
-                and m.get("config", {}).get("decisions", False) == config.decisions):
+                and m.get("config", {}).get("decisions", False) == config.decisions
+                and m.get("config", {}).get("grouped_attention", False) == config.grouped_attention):
             log(f"onnx        reusing {onnx_dir / FILE} (verified at export)")
             return OrtDecoder(onnx_dir)
     log(f"onnx        exporting the decode step to {onnx_dir / FILE} (once)")

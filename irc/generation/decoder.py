@@ -171,7 +171,7 @@ def build_decoder(routed) -> Decoder:
     passes += [
         # the cache appends write in place when the past is a static buffer's view (else: cat, as captured)
         ("static_kv_cache", static_kv_cache),
-        # grouped-query attention reads the cache's own heads, no n_rep-fold copy per step (eager only)
+        # grouped-query attention reads the cache's own heads, no n_rep-fold copy per step (exports too)
         ("grouped_kv_attention", grouped_kv_attention),
     ]
     run_passes(gm, passes)

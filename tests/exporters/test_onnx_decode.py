@@ -54,6 +54,24 @@ def test_ort_generation_equals_pytorch(family, routing, tmp_path):
         assert got.execute_fraction is None
 
 
+def test_grouped_attention_expands_no_cache(tmp_path):
+    """The default file attends with the cache's own Hkv heads; ``grouped_attention=False`` expands the
+    keys and values n_rep-fold every step (two Expand per layer): both verified against PyTorch."""
+    _, routed = tiny_routed("llama")  # 4 query heads, 2 key/value heads
+    routed.set_routing("dense")
+    expands = {}
+    for grouped in (True, False):
+        out = tmp_path / str(grouped)
+        manifest = export_decode(routed, out, OnnxDecodeConfig(routing="dense", grouped_attention=grouped),
+                                 log=lambda _: None)
+        assert manifest["verification"]["passed"] and manifest["config"]["grouped_attention"] is grouped
+        graph = onnx.load(str(out / FILE), load_external_data=False).graph
+        expands[grouped] = sum(n.op_type == "Expand" for n in graph.node)
+    assert expands[False] - expands[True] == 2 * routed.arch.n_layers
+    assert OnnxDecodeConfig(grouped_attention=False).cache_key() != OnnxDecodeConfig().cache_key()
+    assert "grouped_attention" not in OnnxDecodeConfig(grouped_attention=False).cache_key()  # files made before
+
+
 def test_refuses_what_it_cannot_verify(tmp_path):
     _, routed = tiny_routed("llama", RoutingPlan(kv_policy="drop", lff_rank=16, n_sink=2))
     with pytest.raises(UserError, match="kv_policy='drop'"):

@@ -13,8 +13,9 @@
 (e) grouped-query attention reads the cache's own heads: each attention part's
     repeat of keys and values is ``repeat_kv`` (eagerly the cache itself) and its
     attention ``grouped_sdpa`` (``enable_gqa``), equal to attention over the repeat.
-    (The logits above already run through it; ONNX exports trace the repeat:
-    tests/exporters/test_onnx_decode*.py.)
+    (The logits above already run through it.) While tracing (ONNX exports),
+    ``grouped_attention`` writes it as matmuls over grouped query rows: equal to
+    SDPA over the repeat, a left-padding query row (nothing to attend) zeros.
 
 ONNX Runtime's bound cache: tests/exporters/test_onnx_decode_cache.py.
 """
@@ -25,7 +26,7 @@ from routed_helpers import tiny_routed
 
 from irc.generation import GenerationConfig, generate, left_pad, static_cache
 from irc.generation.decoder import decoder_for
-from irc.passes.grouped_kv_attention import grouped_sdpa, repeat_kv
+from irc.passes.grouped_kv_attention import grouped_attention, grouped_sdpa, repeat_kv
 from irc.passes.static_kv_cache import restore_cat, static_kv_cache
 from irc.plan import RoutingPlan
 
@@ -168,6 +169,26 @@ def test_grouped_attention_reads_the_cache_heads(routed):
     want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                             mask)
     assert (grouped_sdpa(q, k, v, mask) - want).abs().max() <= ROUTED_EQUAL
+
+
+@pytest.mark.parametrize("mask_heads", [1, 4])
+def test_grouped_attention_equals_sdpa_over_the_repeat(mask_heads):
+    g = torch.Generator().manual_seed(1)
+    B, H, Hkv, T, S = 2, 4, 2, 3, 7
+    q, k, v = torch.randn(B, H, T, 16, generator=g), torch.randn(B, Hkv, S, 16, generator=g), \
+        torch.randn(B, Hkv, S, 16, generator=g)
+    mask = torch.rand(B, mask_heads, T, S, generator=g) > 0.3
+    mask[..., -1] = True
+    mask[1, :, 0] = False  # row 1's first query: a padding token, nothing to attend
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                            mask, scale=0.3)
+    got = grouped_attention(q, k, v, mask, scale=0.3)
+    assert torch.equal(got[1, :, 0], torch.zeros(H, 16)) and torch.equal(want[1, :, 0], got[1, :, 0])
+    assert (got - want).abs().max() <= ROUTED_EQUAL
+    additive = torch.zeros(B, mask_heads, T, S).masked_fill(~mask, float("-inf"))[:1]  # rows with keys only
+    want = torch.nn.functional.scaled_dot_product_attention(q[:1], k[:1].repeat_interleave(2, 1),
+                                                            v[:1].repeat_interleave(2, 1), additive)
+    assert (grouped_attention(q[:1], k[:1], v[:1], additive) - want).abs().max() <= ROUTED_EQUAL
 
 
 def _count(gm, target) -> dict[str, int]:
