@@ -18,8 +18,17 @@ cost from the compute it saves:
 
 LoRA weights (W + BA) are computed once per run, as ``generate`` does.
 
+--backend ort: the same decomposition of the ONNX Runtime decode files (fp32; exported once,
+``irc.exporters.onnx_decode``): dense is the dense file, threshold / all-exec / none-exec
+the threshold file with its thresholds as calibrated, at −∞ and at +∞ (the file's
+threshold initializers overridden when the session is made,
+``SessionOptions.add_initializer``: the same graph, other decisions), and
+``dense (expanded attention)`` the dense file exported with ``grouped_attention=False``
+(keys and values expanded to every query head each step): what grouped attention buys.
+
     .venv/bin/python bench/decode_overhead.py --model runs/bench-quality-standard/informed-0.25
     .venv/bin/python bench/decode_overhead.py --model runs/frontier/informed-folded@0.20 --batch 8
+    .venv/bin/python bench/decode_overhead.py --model runs/frontier/informed-folded@0.20 --backend ort
 """
 
 from __future__ import annotations
@@ -93,6 +102,45 @@ def step_ms(routed, decoder, ids, mode, threshold, steps, graph=None) -> float:
             routed.units[name].threshold.copy_(value)
 
 
+def ort_decoders(routed) -> dict:
+    """Per setting, an ``OrtDecoder`` (see the module doc); the threshold file's session remade per θ."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from irc.exporters.onnx_decode import OnnxDecodeConfig, load_or_export_decode
+
+    def export(routing, **kw):
+        routed.set_routing(routing)
+        return load_or_export_decode(routed, None, OnnxDecodeConfig(routing=routing, **kw),
+                                     log=lambda line: print(line, file=sys.stderr))
+
+    decoders = {"dense": export("dense"), "dense (expanded attention)": export("dense", grouped_attention=False)}
+    path = export("threshold").path
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = [i.name for i in graph.initializer if i.name.endswith(".threshold")]
+    if not names:
+        raise SystemExit(f"{path}: no threshold initializers to override")
+    for name, theta in (("threshold", None), ("all-exec", -1e9), ("none-exec", 1e9)):
+        decoder = export("threshold")
+        if theta is not None:
+            options = ort.SessionOptions()
+            decoder.overrides = [ort.OrtValue.ortvalue_from_numpy(np.array(theta, np.float32)) for _ in names]
+            for init, value in zip(names, decoder.overrides, strict=True):
+                options.add_initializer(init, value)
+            decoder.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        decoders[name] = decoder
+    return decoders
+
+
+def ort_step_ms(decoder, ids, steps) -> float:
+    from irc.generation import GenerationConfig, generate
+
+    result = generate(decoder, ids, torch.ones_like(ids), GenerationConfig(max_new_tokens=steps + 1,
+                                                                           stop_at_eos=False))
+    return result.decode_seconds / (result.decode_tokens / ids.shape[0]) * 1e3
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="runs/smollm2-s25")
@@ -101,45 +149,70 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--backend", default="torch", choices=["torch", "ort"],
+                   help="ort: the ONNX Runtime decode files (fp32), see the module doc")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "decode_overhead"))
     args = p.parse_args()
 
     from irc.benchmark.speed import text_inputs
     from irc.generation.capture import capture_decode
 
+    if args.backend == "ort":
+        args.dtype = "fp32"
     routed = irc.load(args.model, dtype=args.dtype)
-    decoder = decoder_for(routed)
-    unrouted = capture_decode(routed.base.model).gm
     ids, _ = text_inputs(routed.base.tokenizer, args.batch, args.prompt_len)
-    times = {name: [] for name in (*SETTINGS, "unrouted", *ABLATED)}
-    for _ in range(args.repeats):  # settings interleaved, so noise hits all alike
-        for name, (mode, threshold) in SETTINGS.items():
-            times[name].append(step_ms(routed, decoder, ids, mode, threshold, args.steps))
-        times["unrouted"].append(step_ms(routed, decoder, ids, "dense", None, args.steps, graph=unrouted))
-        with plain_linear():
-            for name, (mode, threshold) in ABLATED.items():
+    if args.backend == "ort":
+        decoders = ort_decoders(routed)
+        times = {name: [] for name in decoders}
+        for _ in range(args.repeats):  # settings interleaved, so noise hits all alike
+            for name, decoder in decoders.items():
+                times[name].append(ort_step_ms(decoder, ids, args.steps))
+    else:
+        decoder = decoder_for(routed)
+        unrouted = capture_decode(routed.base.model).gm
+        times = {name: [] for name in (*SETTINGS, "unrouted", *ABLATED)}
+        for _ in range(args.repeats):  # settings interleaved, so noise hits all alike
+            for name, (mode, threshold) in SETTINGS.items():
                 times[name].append(step_ms(routed, decoder, ids, mode, threshold, args.steps))
+            times["unrouted"].append(step_ms(routed, decoder, ids, "dense", None, args.steps, graph=unrouted))
+            with plain_linear():
+                for name, (mode, threshold) in ABLATED.items():
+                    times[name].append(step_ms(routed, decoder, ids, mode, threshold, args.steps))
     ms = {name: statistics.median(v) for name, v in times.items()}
+    # dense/setting within each repeat (run back to back), median over repeats: drift between repeats cancels
+    paired = {name: statistics.median(d / t for d, t in zip(times["dense"], v, strict=True))
+              for name, v in times.items()}
     command = "python bench/decode_overhead.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
-        {"command": command.strip(), "model": args.model, "batch": args.batch, "dtype": args.dtype,
+        {"command": command.strip(), "model": args.model, "backend": args.backend, "batch": args.batch,
+         "dtype": args.dtype, "paired_vs_dense": paired,
          "prompt_len": args.prompt_len, "steps": args.steps,
          "repeats": args.repeats, "ms_per_step": ms, "all_runs": times, "torch": torch.__version__,
          "threads": torch.get_num_threads()}, indent=2) + "\n")
-    lines = [f"# Routed decoding at batch {args.batch}: routing overhead vs what it saves", "",
-             f"Model `{args.model}` (torch {torch.__version__}, {args.dtype}, {torch.get_num_threads()} threads); "
+    runtime = f"torch {torch.__version__}" if args.backend == "torch" else f"ONNX Runtime {_ort_version()}"
+    lines = [f"# Routed decoding at batch {args.batch} ({args.backend}): routing overhead vs what it saves", "",
+             f"Model `{args.model}` ({runtime}, {args.dtype}, {torch.get_num_threads()} threads); "
              f"{args.steps} greedy decode steps after a {args.prompt_len}-token prompt; median of "
-             f"{args.repeats} interleaved repeats; the static cache (written in place).", "", f"Command: `{command.strip()}`", "",
-             "| setting | ms per step | vs dense |", "|---|---:|---:|"]
+             f"{args.repeats} interleaved repeats; " + ("the static cache (written in place)." if args.backend == "torch"
+             else "the cache kept in ONNX Runtime by I/O binding."), "", f"Command: `{command.strip()}`", "",
+             "| setting | ms per step | vs dense | paired |", "|---|---:|---:|---:|"]
     for name, value in ms.items():
-        lines.append(f"| {name} | {value:.2f} | {ms['dense'] / value:.2f}× |")
+        lines.append(f"| {name} | {value:.2f} | {ms['dense'] / value:.2f}× | {paired[name]:.2f}× |")
     lines += ["", f"Routing overhead (all-exec − dense): {ms['all-exec'] - ms['dense']:.2f} ms per step; "
-              f"the most routing can save (dense − none-exec): {ms['dense'] - ms['none-exec']:.2f} ms."]
+              f"the most routing can save (dense − none-exec): {ms['dense'] - ms['none-exec']:.2f} ms. "
+              "vs dense: dense median / setting median; paired: the median over repeats of dense / setting "
+              "in the same repeat."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 if __name__ == "__main__":

@@ -30,46 +30,49 @@ What stays a copy: a forecast-folded attention layer's sink-slot cache
 (``irc.passes.compact_sink_caches``: at most n_sink positions, rebuilt per step; it
 gets no buffer), and a step whose present some unit rebuilt itself (a folded unit's
 sink step over a full-length cache): ``adopt`` copies it into the buffer once.
-The grouped-query expansion of keys and values (``repeat_kv``: expand + reshape
-inside the captured attention) still materialises the n_rep-fold keys and values
-per step; that copy belongs to the attention, not the cache.
+(Grouped-query attention reads the buffer's own Hkv heads: ``irc.passes.grouped_kv_attention``.)
+
+Each view this module hands out (``allocate``, ``kv_append``, ``adopt``) carries its
+buffer as an attribute, which keeps the buffer alive as long as a view of it is and
+tells ``kv_append`` where to write. A registry of buffers by storage, held weakly,
+was not enough: under ``torch.inference_mode`` a view does not reference its base
+tensor, so the buffer's Python object died at once and every step silently fell back
+to ``cat`` (tests/generation/test_static_cache.py runs the cache in both modes).
 
 Legend: B batch, Hkv key/value heads, hd head dim, P past positions, T new ones, M capacity, L layers.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-# storage address -> the buffer allocated there; a buffer that dies leaves the registry
-_BUFFERS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 AXIS = 2  # the position axis of [B, Hkv, M, hd]
+_BUFFER = "_irc_static_buffer"  # the attribute of a view naming its buffer
+
+
+def _view(buffer: torch.Tensor, length: int) -> torch.Tensor:
+    """``buffer[:, :, :length]``, carrying its buffer."""
+    view = buffer.narrow(AXIS, 0, length)
+    setattr(view, _BUFFER, buffer)
+    return view
 
 
 def allocate(batch: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
              device="cpu") -> torch.Tensor:
     """An empty past (``[B, Hkv, 0, hd]``) viewing a new ``[B, Hkv, capacity, hd]`` buffer."""
     buffer = torch.zeros(batch, kv_heads, max(capacity, 1), head_dim, dtype=dtype, device=device)
-    _BUFFERS[buffer.untyped_storage().data_ptr()] = buffer
-    return buffer.narrow(AXIS, 0, 0)
+    return _view(buffer, 0)
 
 
 def buffer_of(past: torch.Tensor) -> torch.Tensor | None:
     """The static buffer ``past`` is a prefix view of (``buffer[:, :, :P]``), or None.
 
-    Called twice per layer and step: the common answers (no static buffer alive, tracing)
-    come first and cheap.
+    Called twice per layer and step: the common answers (no buffer, tracing) come first and cheap.
     """
-    if not _BUFFERS or torch.compiler.is_exporting() or torch.compiler.is_compiling():
+    buffer = getattr(past, _BUFFER, None)
+    if buffer is None or torch.compiler.is_exporting() or torch.compiler.is_compiling():
         return None
-    try:
-        buffer = _BUFFERS.get(past.untyped_storage().data_ptr())
-    except (AttributeError, NotImplementedError, RuntimeError):  # not a tensor with real storage
-        return None
-    if (buffer is None or past.stride() != buffer.stride() or past.storage_offset() != buffer.storage_offset()
-            or past.shape[:AXIS] != buffer.shape[:AXIS] or past.shape[AXIS + 1:] != buffer.shape[AXIS + 1:]):
+    if not (_is_prefix_view(past, buffer) and past.shape[AXIS + 1:] == buffer.shape[AXIS + 1:]):
         return None
     return buffer
 
@@ -84,7 +87,7 @@ def kv_append(past: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
     if P + T > buffer.shape[AXIS] or new.shape[:AXIS] != past.shape[:AXIS]:
         return torch.cat([past, new], dim=dim)  # full: the decoder's adopt grows the buffer
     buffer.narrow(AXIS, P, T).copy_(new)
-    return buffer.narrow(AXIS, 0, P + T)
+    return _view(buffer, P + T)
 
 
 def adopt(past: list[torch.Tensor], present: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -94,12 +97,14 @@ def adopt(past: list[torch.Tensor], present: list[torch.Tensor]) -> list[torch.T
     rebuilt (a fresh tensor) is copied into the buffer, grown to twice the length
     when it no longer fits: the next step writes in place again.
     """
-    if not _BUFFERS:  # the copying cache
-        return present
     out = []
     for p, q in zip(past, present, strict=True):
         buffer = buffer_of(p)
-        if buffer is None or _is_prefix_view(q, buffer):
+        if buffer is None:
+            out.append(q)
+            continue
+        if _is_prefix_view(q, buffer):  # written in place
+            setattr(q, _BUFFER, buffer)
             out.append(q)
             continue
         length = q.shape[AXIS]
@@ -108,11 +113,11 @@ def adopt(past: list[torch.Tensor], present: list[torch.Tensor]) -> list[torch.T
                             buffer.shape[3], buffer.dtype, buffer.device)
             buffer = buffer_of(view)
         buffer.narrow(AXIS, 0, length).copy_(q)
-        out.append(buffer.narrow(AXIS, 0, length))
+        out.append(_view(buffer, length))
     return out
 
 
 def _is_prefix_view(t: torch.Tensor, buffer: torch.Tensor) -> bool:
-    return (t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    return (isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
             and t.stride() == buffer.stride() and t.storage_offset() == buffer.storage_offset()
             and t.shape[:AXIS] == buffer.shape[:AXIS])

@@ -5,7 +5,8 @@
     beside full-length ones; a forecast-folded layer at full length, n_sink = 1);
     greedy ``generate`` gives the same tokens with ``kv_cache="static"`` and ``"copy"``;
 (b) the graph itself writes in place: each full-length present is a prefix view of
-    its past's buffer, and the past positions are not rewritten;
+    its past's buffer, and the past positions are not rewritten (under ``no_grad`` and
+    ``inference_mode``);
 (c) a buffer too short grows once (``adopt``), then writes in place again;
 (d) the pass turns exactly the cache appends into ``kv_append`` (two per attention
     part that returns the cache), and ``restore_cat`` undoes it; while exporting,
@@ -111,15 +112,19 @@ def test_folded_static_equals_copying_cache(folded, B):
     assert [static_cache.buffer_of(p) is not None for p in past] == [n is None for n in slots]
 
 
-def test_graph_writes_in_place(routed):
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_graph_writes_in_place(routed, grad_mode):
+    """Under inference_mode too, where a view does not reference its base tensor (the buffers
+    were once found by a weak registry there, and every step silently copied the cache)."""
     routed.set_routing("threshold")
     decoder = decoder_for(routed)
     ids, mask = _batch(2, 9, seed=3)
-    with torch.no_grad():
+    with grad_mode():
         _, past = decoder.step(ids[:, :8], mask[:, :8], decoder.empty_cache(2, capacity=16))
         before = [p.clone() for p in past]
         _, *present = decoder.gm(ids[:, 8:], mask, *past)  # the graph alone, no adopt
     for p, q, old in zip(past, present, before, strict=True):
+        assert static_cache.buffer_of(p) is not None
         assert static_cache.buffer_of(q) is static_cache.buffer_of(p) and q.shape[2] == 9
         assert torch.equal(q[:, :, :8], old)  # the past positions untouched, and not copied
 
