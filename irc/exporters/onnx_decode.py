@@ -31,8 +31,8 @@ Grouped-query attention (``OnnxDecodeConfig.grouped_attention``, the default): t
 file attends with the cache's own Hkv heads, the query's n_rep heads per key/value
 head as rows of one matmul (``irc.passes.grouped_kv_attention``); False writes the
 exporter's SDPA over keys and values expanded n_rep-fold, which copies the whole
-cache n_rep-fold and transposes it every step (SmolLM2 dense at B = 1: 31.8 →
-25.0 ms per step, ``bench/decode_speed.py``).
+cache n_rep-fold and transposes it every step (SmolLM2 dense: 33.5 → 27.5 ms per step
+at B = 1, 108 → 59 at B = 8; ``bench/decode_overhead.py --backend ort``).
 
 ``portable`` profile (standard ONNX ops), fp32. The export is not done until
 ONNX Runtime has generated from sample prompts (an odd length, a left-padded
