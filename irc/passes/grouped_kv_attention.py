@@ -71,6 +71,10 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """``x`` itself, ``[B, Hkv, L, hd]`` (no copy); ``[B, n_rep · Hkv, L, hd]`` when tracing expanded."""
     if not (_EXPANDED[0] and _tracing()):
         return x
+    return _expand_heads(x, n_rep)
+
+
+def _expand_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     B, H, L, D = x.shape
     return x.unsqueeze(2).expand(B, H, n_rep, L, D).reshape(B, H * n_rep, L, D)
 
@@ -79,9 +83,13 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args, **kwa
     """``scaled_dot_product_attention``; keys and values with fewer heads than ``q`` are shared (GQA)."""
     if k.shape[1] == q.shape[1]:
         return SDPA(q, k, v, *args, **kwargs)
-    if _tracing():
+    if not _tracing():
+        return SDPA(q, k, v, *args, **kwargs, enable_gqa=True)
+    try:
         return grouped_attention(q, k, v, *args, **kwargs)
-    return SDPA(q, k, v, *args, **kwargs, enable_gqa=True)
+    except NotImplementedError:  # a causal flag or dropout: the exporter's SDPA over the repeat
+        n_rep = q.shape[1] // k.shape[1]
+        return SDPA(q, _expand_heads(k, n_rep), _expand_heads(v, n_rep), *args, **kwargs)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,

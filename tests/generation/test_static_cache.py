@@ -196,6 +196,21 @@ def test_grouped_attention_equals_sdpa_over_the_repeat(mask_heads):
     assert (grouped_attention(q[:1], k[:1], v[:1], additive) - want).abs().max() <= ROUTED_EQUAL
 
 
+def test_grouped_sdpa_while_tracing_falls_back_for_a_causal_flag(monkeypatch):
+    """A causal flag (no explicit mask) while tracing: SDPA over the expanded heads, not an error."""
+    import irc.passes.grouped_kv_attention as grouped
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 3, 8, generator=g), \
+        torch.randn(1, 2, 3, 8, generator=g)
+    monkeypatch.setattr(grouped, "_tracing", lambda: True)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                            is_causal=True)
+    assert (grouped_sdpa(q, k, v, is_causal=True) - want).abs().max() <= ROUTED_EQUAL
+    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool).tril()
+    assert (grouped_sdpa(q, k, v, mask) - want).abs().max() <= ROUTED_EQUAL  # the grouped matmuls
+
+
 def _count(gm, target) -> dict[str, int]:
     counts = {}
     for name, module in gm.named_modules():
