@@ -108,28 +108,27 @@ def ort_decoders(routed) -> dict:
     import onnx
     import onnxruntime as ort
 
-    from irc.exporters.onnx_decode import OnnxDecodeConfig, load_or_export_decode
+    from irc.exporters.onnx_decode import OnnxDecodeConfig, OrtDecoder, load_or_export_decode
 
     def export(routing, **kw):
         routed.set_routing(routing)
         return load_or_export_decode(routed, None, OnnxDecodeConfig(routing=routing, **kw),
                                      log=lambda line: print(line, file=sys.stderr))
 
-    decoders = {"dense": export("dense"), "dense (expanded attention)": export("dense", grouped_attention=False)}
-    path = export("threshold").path
-    graph = onnx.load(str(path), load_external_data=False).graph
-    names = [i.name for i in graph.initializer if i.name.endswith(".threshold")]
+    decoders = {"dense": export("dense"), "dense (expanded attention)": export("dense", grouped_attention=False),
+                "threshold": export("threshold")}
+    path = decoders["threshold"].path
+    names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer
+             if i.name.endswith(".threshold")]
     if not names:
         raise SystemExit(f"{path}: no threshold initializers to override")
-    for name, theta in (("threshold", None), ("all-exec", -1e9), ("none-exec", 1e9)):
-        decoder = export("threshold")
-        if theta is not None:
-            options = ort.SessionOptions()
-            decoder.overrides = [ort.OrtValue.ortvalue_from_numpy(np.array(theta, np.float32)) for _ in names]
-            for init, value in zip(names, decoder.overrides, strict=True):
-                options.add_initializer(init, value)
-            decoder.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        decoders[name] = decoder
+    for name, theta in (("all-exec", -1e9), ("none-exec", 1e9)):
+        options = ort.SessionOptions()
+        values = [ort.OrtValue.ortvalue_from_numpy(np.array(theta, np.float32)) for _ in names]
+        for init, value in zip(names, values, strict=True):
+            options.add_initializer(init, value)
+        decoders[name] = OrtDecoder(path, session_options=options)
+        decoders[name].overrides = values  # the session reads them: they must outlive it
     return decoders
 
 

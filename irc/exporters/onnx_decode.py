@@ -337,7 +337,7 @@ def _logit_diff(decoder, ort_decoder, ids, mask, tokens) -> float:
 class OrtDecoder:
     """``decode.onnx`` behind the stepping interface of ``irc.generation.decoder.Decoder``."""
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None):
+    def __init__(self, path: str | Path, providers: list[str] | None = None, session_options=None):
         import onnxruntime as ort
 
         path = Path(path)
@@ -346,7 +346,8 @@ class OrtDecoder:
             raise UserError(f"no ONNX decode export at {self.path}")
         manifest = self.path.with_name(self.path.name + ".json")
         self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
-        self.session = ort.InferenceSession(str(self.path), providers=providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.path), session_options,
+                                            providers=providers or ["CPUExecutionProvider"])
         inputs = self.session.get_inputs()
         self.cache_names = [i.name for i in inputs[2:]]
         self.kv_heads, self.head_dim = inputs[2].shape[1], inputs[2].shape[3]

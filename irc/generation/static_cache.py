@@ -118,6 +118,6 @@ def adopt(past: list[torch.Tensor], present: list[torch.Tensor]) -> list[torch.T
 
 
 def _is_prefix_view(t: torch.Tensor, buffer: torch.Tensor) -> bool:
-    return (isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    return (t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
             and t.stride() == buffer.stride() and t.storage_offset() == buffer.storage_offset()
             and t.shape[:AXIS] == buffer.shape[:AXIS])

@@ -85,11 +85,7 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args, **kwa
         return SDPA(q, k, v, *args, **kwargs)
     if not _tracing():
         return SDPA(q, k, v, *args, **kwargs, enable_gqa=True)
-    try:
-        return grouped_attention(q, k, v, *args, **kwargs)
-    except NotImplementedError:  # a causal flag or dropout: the exporter's SDPA over the repeat
-        n_rep = q.shape[1] // k.shape[1]
-        return SDPA(q, _expand_heads(k, n_rep), _expand_heads(v, n_rep), *args, **kwargs)
+    return grouped_attention(q, k, v, *args, **kwargs)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -98,14 +94,15 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_ma
     """SDPA with shared key/value heads as two matmuls over grouped query rows (see the module doc).
 
     Query head h reads key/value head h // n_rep (``enable_gqa``); a query row with no
-    key to attend (left padding) gets zeros, as SDPA's safe softmax gives.
+    key to attend (left padding) gets zeros, as SDPA's safe softmax gives. A causal flag
+    or dropout (no captured decode step has either) takes SDPA over the expanded heads.
     Legend: B batch, H query heads, G = H / Hkv, T queries, S keys, hd head dim.
     """
-    if dropout_p or is_causal:
-        raise NotImplementedError("grouped_attention takes an explicit mask and no dropout")
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
+    if dropout_p or is_causal:
+        return SDPA(q, _expand_heads(k, G), _expand_heads(v, G), attn_mask, dropout_p, is_causal, scale=scale)
     scale = D ** -0.5 if scale is None else scale
     rows = (q * scale).reshape(B, Hkv, G * T, D)  # heads j·G … j·G+G-1 read kv head j
     scores = torch.matmul(rows, k.transpose(-1, -2)).reshape(B, Hkv, G, T, S)
