@@ -79,11 +79,13 @@ from torch.export import Dim
 from irc import __version__
 from irc.errors import UserError
 from irc.exporters.onnx import FP32_ATOL, _translations
+from irc.generation.capture import MIN_CONTEXT
 from irc.passes.grouped_kv_attention import expanded_export
 from irc.passes.route_decoder_blocks import folded_modules
 
 ROUTINGS = ("threshold", "dense")
 FILE = "decode.onnx"
+STEP_FILE = "decode_step.onnx"  # the one-token, batch-1 step (OnnxDecodeConfig.step_file)
 DECISIONS = "decisions"  # the output of every routed unit's decisions, [U, B, T] bool
 
 
@@ -102,6 +104,9 @@ class OnnxDecodeConfig:
     # grouped-query attention as matmuls over the cache's own heads (irc.passes.grouped_kv_attention);
     # False: the exporter's SDPA over n_rep-fold keys and values, expanded every step (files before it)
     grouped_attention: bool = True
+    # a second file for the one-token steps of batch 1 (B = T = 1 static, one If per routed unit):
+    # what most decoding runs; False: the general file serves every step
+    step_file: bool = True
 
     def __post_init__(self):
         if self.routing == "dense":  # every unit runs: there are no decisions to report
@@ -114,11 +119,11 @@ class OnnxDecodeConfig:
             raise UserError(f"verify_tokens must be positive, got {self.verify_tokens}")
 
     def cache_key(self) -> str:
-        """The settings that make the file, for the export cache. ``decisions`` and ``grouped_attention``
-        (added after the first exports) count only where set, so a file exported before them, made
-        the same way, keeps its key."""
+        """The settings that make the file, for the export cache. ``decisions``, ``grouped_attention`` and
+        ``step_file`` (added after the first exports) count only where set, so a file exported before
+        them, made the same way, keeps its key."""
         fields = asdict(self)
-        fields = {k: v for k, v in fields.items() if v or k not in ("decisions", "grouped_attention")}
+        fields = {k: v for k, v in fields.items() if v or k not in ("decisions", "grouped_attention", "step_file")}
         return f"OnnxDecodeConfig({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
 
@@ -198,6 +203,50 @@ def _drop_shape_asserts(ep) -> None:
             break
 
 
+def _lower(step: _Step, routed, decoder, config: OnnxDecodeConfig, output_names: list[str], *, batch: int, new: int,
+           log) -> torch.onnx.ONNXProgram:
+    """Capture ``step`` and lower it to ONNX.
+
+    ``batch=2, new=3``: the general file (batch, new tokens and past dynamic). ``batch=1, new=1``:
+    the step file, batch and new tokens static, so each routed unit branches once on its token's
+    decision (``irc.nn.decode_branches.one_token``) and sizes other than the past's are constants,
+    not shape arithmetic inside the branches. Its past has at least 3 positions: a prompt is
+    left-padded to ``MIN_CONTEXT`` = 4 tokens, so a one-token step always has a past of 4 or more.
+    """
+    slots = decoder.cache_slots()  # per cache tensor: n_sink where it keeps the sinks only, else None
+    past_names = _names(len(slots))[0]
+    P = 5
+    ids = torch.randint(0, routed.arch.vocab, (batch, new))
+    mask = torch.ones(batch, P + new, dtype=torch.long)
+    past = [torch.randn(batch, c.shape[1], P if n is None else min(n, P), c.shape[3])
+            for c, n in zip(decoder.empty_cache(batch), slots, strict=True)]
+    max_seq = routed.arch.max_positions or 8192
+    sinks = {n: Dim(f"sinks{n}", min=0, max=n) for n in set(slots) - {None}}  # n >= 2: not specialised
+    if new == 1:
+        past_len = Dim("past", min=MIN_CONTEXT - 1, max=max_seq)
+        dynamic = {"input_ids": None, "attention_mask": {1: past_len + 1},
+                   "past": tuple({2: past_len if n is None else sinks[n]} for n in slots)}
+    else:
+        b, seq, past_len = Dim("batch", min=1, max=config.max_batch), Dim("seq", min=1, max=max_seq), \
+            Dim("past", min=0, max=max_seq)
+        dynamic = {"input_ids": {0: b, 1: seq}, "attention_mask": {0: b, 1: Dim.AUTO},
+                   "past": tuple({0: b, 2: past_len if n is None else sinks[n]} for n in slots)}
+    what = "the one-token step" if new == 1 else "the routed decode step"
+    start = time.perf_counter()
+    with torch.no_grad(), expanded_export(not config.grouped_attention):
+        ep = torch.export.export(step, (ids, mask, *past), dynamic_shapes=dynamic, strict=False,
+                                 prefer_deferred_runtime_asserts_over_guards=True)
+    if config.branches:
+        _drop_shape_asserts(ep)
+    log(f"captured {what} in {time.perf_counter() - start:.1f}s")
+    start = time.perf_counter()
+    program = torch.onnx.export(ep, dynamo=True, custom_translation_table=_translations(config.profile),
+                                opset_version=config.opset, verbose=False,
+                                input_names=["input_ids", "attention_mask", *past_names], output_names=output_names)
+    log(f"lowered {what} to ONNX opset {config.opset} in {time.perf_counter() - start:.1f}s")
+    return program
+
+
 def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDecodeConfig(), *, log=print) -> dict:
     """Write ``out_dir/decode.onnx`` (+ external data and ``decode.onnx.json``); return the manifest."""
     from irc.generation.decoder import decoder_for
@@ -210,37 +259,19 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
     out_dir = Path(out_dir)
     decoder = decoder_for(routed)
     _routing(decoder, config.routing, config.branches)
+    empty = decoder.empty_cache(1)[0]  # [1, Hkv, 0, hd]
     n_cache = len(decoder.empty_cache(1))
     slots = decoder.cache_slots()  # per cache tensor: n_sink where it keeps the sinks only, else None
     past_names, present_names = _names(n_cache)
     reported = list(decoder.units) if config.decisions else []  # dense: decisions is off
     extra_outputs = [DECISIONS] if reported else []
-    start = time.perf_counter()
-    B, P, T = 2, 5, 3
-    ids = torch.randint(0, routed.arch.vocab, (B, T))
-    mask = torch.ones(B, P + T, dtype=torch.long)
-    past = [torch.randn(B, c.shape[1], P if n is None else min(n, P), c.shape[3])
-            for c, n in zip(decoder.empty_cache(B), slots, strict=True)]
-    max_seq = routed.arch.max_positions or 8192
-    batch, seq, past_len = Dim("batch", min=1, max=config.max_batch), Dim("seq", min=1, max=max_seq), \
-        Dim("past", min=0, max=max_seq)
-    sinks = {n: Dim(f"sinks{n}", min=0, max=n) for n in set(slots) - {None}}  # n >= 2: not specialised
-    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.AUTO},
-               "past": tuple({0: batch, 2: past_len if n is None else sinks[n]} for n in slots)}
+    output_names = ["logits", *present_names, *extra_outputs]
+    programs = {}
     try:
-        with torch.no_grad(), expanded_export(not config.grouped_attention):
-            step = _Step(decoder.gm, [decoder.units[name] for name in reported])
-            ep = torch.export.export(step, (ids, mask, *past), dynamic_shapes=dynamic, strict=False,
-                                     prefer_deferred_runtime_asserts_over_guards=True)
-        if config.branches:
-            _drop_shape_asserts(ep)
-        log(f"captured the routed decode step in {time.perf_counter() - start:.1f}s")
-        start = time.perf_counter()
-        program = torch.onnx.export(ep, dynamo=True, custom_translation_table=_translations(config.profile),
-                                    opset_version=config.opset, verbose=False,
-                                    input_names=["input_ids", "attention_mask", *past_names],
-                                    output_names=["logits", *present_names, *extra_outputs])
-        log(f"lowered to ONNX opset {config.opset} in {time.perf_counter() - start:.1f}s")
+        step = _Step(decoder.gm, [decoder.units[name] for name in reported])
+        programs[FILE] = _lower(step, routed, decoder, config, output_names, batch=2, new=3, log=log)
+        if config.step_file:
+            programs[STEP_FILE] = _lower(step, routed, decoder, config, output_names, batch=1, new=1, log=log)
     finally:
         _unbranch(decoder)
         decoder.sync()  # back to the prefill units' settings
@@ -248,7 +279,8 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
     tmp = Path(tempfile.mkdtemp(prefix=".decode.tmp-", dir=out_dir))
     try:
         staged = tmp / FILE
-        program.save(str(staged), external_data=True)
+        for name, program in programs.items():
+            program.save(str(tmp / name), external_data=True)
         verification = verify_decode(routed, staged, config)
         if not verification["passed"]:
             raise UserError(
@@ -260,15 +292,18 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
             "plan": routed.plan.to_dict(), "routing": config.routing, "profile": config.profile,
             "opset": config.opset, "dtype": "float32", "routing_sha256": routing_digest(routed),
             "inputs": ["input_ids", "attention_mask", *past_names],
-            "outputs": ["logits", *present_names, *extra_outputs], "decision_units": reported,
-            "cache": {"tensors": n_cache, "kv_heads": int(past[0].shape[1]), "head_dim": int(past[0].shape[3]),
+            "outputs": output_names, "decision_units": reported,
+            "step_file": STEP_FILE if config.step_file else None,
+            "cache": {"tensors": n_cache, "kv_heads": int(empty.shape[1]), "head_dim": int(empty.shape[3]),
                       "sink_slots": {past_names[i]: n for i, n in enumerate(slots) if n is not None}},
-            "min_context": 4, "verification": verification, "config": asdict(config),
+            "min_context": MIN_CONTEXT, "verification": verification, "config": asdict(config),
         }
         (tmp / f"{FILE}.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        for f in sorted(tmp.iterdir()):  # data first, the .onnx last
+        for f in sorted(tmp.iterdir()):  # data and the step file first, the .onnx last
             if f.name != FILE:
                 os.replace(f, out_dir / f.name)
+        if not config.step_file:  # a step file left by an earlier export would be taken for this one's
+            (out_dir / STEP_FILE).unlink(missing_ok=True)
         os.replace(staged, out_dir / FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -348,6 +383,12 @@ class OrtDecoder:
         self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
         self.session = ort.InferenceSession(str(self.path), session_options,
                                             providers=providers or ["CPUExecutionProvider"])
+        # the one-token, batch-1 file beside it (OnnxDecodeConfig.step_file): a second session, which holds
+        # its own copy of the weights; None where the export made none
+        step_file = self.path.with_name(STEP_FILE)
+        self.step_session = ort.InferenceSession(str(step_file), session_options,
+                                                 providers=providers or ["CPUExecutionProvider"]) \
+            if step_file.is_file() else None
         inputs = self.session.get_inputs()
         self.cache_names = [i.name for i in inputs[2:]]
         self.kv_heads, self.head_dim = inputs[2].shape[1], inputs[2].shape[3]
@@ -361,7 +402,7 @@ class OrtDecoder:
         self.reset_stats()
         # I/O binding (kv_cache="static"): the cache lives where the session computes
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        self._binding = None  # (session, its IOBinding): made on first use, anew if the session is replaced
+        self._bindings: dict[int, tuple] = {}  # id(session) -> (session, its IOBinding), made on first use
 
     def empty_cache(self, batch: int, capacity: int | None = None) -> list:
         """Length-0 past keys and values: right for full-length and sink-slot layers alike.
@@ -387,18 +428,20 @@ class OrtDecoder:
         (I/O binding), else numpy arrays."""
         feeds = {"input_ids": input_ids.numpy().astype(np.int64),
                  "attention_mask": attention_mask.numpy().astype(np.int64)}
+        one_token = self.step_session is not None and tuple(input_ids.shape) == (1, 1)
+        session = self.step_session if one_token else self.session
         if past and not isinstance(past[0], np.ndarray):
-            return self._bound_step(feeds, past)
+            return self._bound_step(session, feeds, past)
         feeds.update(zip(self.cache_names, past, strict=True))
-        logits, *present = self.session.run(self.output_names, feeds)
+        logits, *present = session.run(self.output_names, feeds)
         if self.decision_units:
             self._count(present.pop(), feeds["attention_mask"])
         return torch.from_numpy(logits), present
 
-    def _bound_step(self, feeds: dict, past: list):
-        if self._binding is None or self._binding[0] is not self.session:
-            self._binding = (self.session, self.session.io_binding())
-        binding = self._binding[1]
+    def _bound_step(self, session, feeds: dict, past: list):
+        if self._bindings.get(id(session), (None,))[0] is not session:
+            self._bindings[id(session)] = (session, session.io_binding())
+        binding = self._bindings[id(session)][1]
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         for name, value in feeds.items():
@@ -408,7 +451,7 @@ class OrtDecoder:
         binding.bind_output("logits", "cpu")  # the outputs that leave ORT: logits and decisions
         for name in self.output_names[1:]:
             binding.bind_output(name, "cpu" if name == DECISIONS else self.device)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         if self.decision_units:
             self._count(present.pop().numpy(), feeds["attention_mask"])
@@ -460,7 +503,8 @@ def load_or_export_decode(routed, onnx_dir: str | Path | None, config: OnnxDecod
         if (m.get("routing_sha256") == digest and m.get("routing") == config.routing
                 and m.get("config", {}).get("branches", False) == config.branches
                 and m.get("config", {}).get("decisions", False) == config.decisions
-                and m.get("config", {}).get("grouped_attention", False) == config.grouped_attention):
+                and m.get("config", {}).get("grouped_attention", False) == config.grouped_attention
+                and m.get("config", {}).get("step_file", False) == config.step_file):
             log(f"onnx        reusing {onnx_dir / FILE} (verified at export)")
             return OrtDecoder(onnx_dir)
     log(f"onnx        exporting the decode step to {onnx_dir / FILE} (once)")

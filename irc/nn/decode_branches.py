@@ -79,8 +79,19 @@ def routed_step(unit, a: torch.Tensor, extras: tuple, execute: torch.Tensor, pad
     def none(a, execute, pad, *rest):
         return unit._approximate(a, pad)
 
-    out = torch.cond(execute.any(), some, none, (a, execute, pad, *_tensors(extras), *kv))
+    operands = _operands(a, execute, pad, *_tensors(extras), *kv)
+    if one_token(a):  # the step file (B = T = 1, static): one If on the token's decision
+        out = torch.cond(execute.reshape(()), every, none, operands)
+    else:
+        out = torch.cond(execute.any(), some, none, operands)
     return unit._with_cache(out, tuple(cache))
+
+
+def one_token(a: torch.Tensor) -> bool:
+    """``a [B, T, D]`` is statically one token (B = T = 1 as plain ints, not traced sizes): the
+    single-token decode file (``OnnxDecodeConfig.step_file``), where executing any and all agree."""
+    B, T = a.shape[0], a.shape[1]
+    return type(B) is int and type(T) is int and B == 1 and T == 1
 
 
 def folded_step(unit, a, out, full, sinks, extras):
@@ -94,8 +105,15 @@ def folded_step(unit, a, out, full, sinks, extras):
         cache = unit._cache_without_sinks(_extras_back(rest, a, roles, extras), full.shape[1], a.shape[1])
         return unit._with_cache(out.clone(), cache)
 
-    result = torch.cond(sinks.any(), with_sinks, without, (a, out, full, sinks, *_tensors(extras)))
+    result = torch.cond(sinks.any(), with_sinks, without, _operands(a, out, full, sinks, *_tensors(extras)))
     return tuple(result) if unit.cache is not None else result
+
+
+def _operands(*tensors: torch.Tensor) -> tuple:
+    """``torch.cond`` operands: a tensor of static sizes but traced strides (``[1, 1]`` sliced off
+    ``[1, P + 1]`` in the single-token file) copied to plain strides, which dynamo can hash."""
+    return tuple(t.clone(memory_format=torch.contiguous_format) if all(type(n) is int for n in t.shape) and not all(type(n) is int for n in t.stride())
+                 else t for t in tensors)
 
 
 # torch.cond takes tensor operands only, and a branch may not close over a SymInt (the trace fails):

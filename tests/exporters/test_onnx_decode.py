@@ -62,8 +62,8 @@ def test_grouped_attention_expands_no_cache(tmp_path):
     expands = {}
     for grouped in (True, False):
         out = tmp_path / str(grouped)
-        manifest = export_decode(routed, out, OnnxDecodeConfig(routing="dense", grouped_attention=grouped),
-                                 log=lambda _: None)
+        config = OnnxDecodeConfig(routing="dense", grouped_attention=grouped, step_file=False)
+        manifest = export_decode(routed, out, config, log=lambda _: None)
         assert manifest["verification"]["passed"] and manifest["config"]["grouped_attention"] is grouped
         graph = onnx.load(str(out / FILE), load_external_data=False).graph
         expands[grouped] = sum(n.op_type == "Expand" for n in graph.node)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from routed_helpers import tiny_routed
 
-from irc.exporters.onnx_decode import FILE, OnnxDecodeConfig, OrtDecoder, export_decode
+from irc.exporters.onnx_decode import FILE, STEP_FILE, OnnxDecodeConfig, OrtDecoder, export_decode
 from irc.exporters.trt_lint import lint_for_tensorrt
 from irc.generation import GenerationConfig, generate, left_pad
 from irc.plan import RoutingPlan
@@ -116,12 +116,13 @@ def _ran(session) -> set[str]:
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
 
 
-def _profiled_step(path, tmp_path, batch: int) -> set[str]:
-    """Names of the nodes ORT ran in one decode step after 6 real tokens per row (past the sinks)."""
+def _profiled_step(path, tmp_path, batch: int, file: str = FILE) -> set[str]:
+    """Names of the nodes ORT ran in one decode step after 6 real tokens per row (past the sinks),
+    the step run by ``file`` (the general file, or the one-token step file at batch 1)."""
     decoder = OrtDecoder(path)
     ids = torch.randint(3, 300, (batch, 6), generator=torch.Generator().manual_seed(0))
     _, past = decoder.step(ids, torch.ones_like(ids), decoder.empty_cache(batch))
-    session = _profiled_session(path, tmp_path, f"step{batch}")
+    session = _profiled_session(path.with_name(file), tmp_path, f"step{batch}-{file}")
     feeds = {"input_ids": np.full((batch, 1), 7, np.int64), "attention_mask": np.ones((batch, 7), np.int64)}
     feeds.update(zip(decoder.cache_names, past, strict=True))
     session.run(None, feeds)
@@ -138,7 +139,7 @@ def _unique_names(graph: onnx.GraphProto, prefix: str) -> None:
 
 @pytest.mark.parametrize("theta", [math.inf, -math.inf])
 def test_ort_runs_only_the_taken_branch(theta, tmp_path):
-    export_decode(_model(theta), tmp_path / "decode", OnnxDecodeConfig(verify_tokens=2), **QUIET)
+    export_decode(_model(theta), tmp_path / "decode", OnnxDecodeConfig(verify_tokens=2, step_file=False), **QUIET)
     model = onnx.load(str(tmp_path / "decode" / FILE), load_external_data=False)
     _unique_names(model.graph, "")
     dynamic, folded = _top_level_ifs(model)
@@ -161,9 +162,69 @@ def test_ort_runs_only_the_taken_branch(theta, tmp_path):
             assert not then & ran
 
 
+def _step_file_ifs(model: onnx.ModelProto):
+    """(routed, folded) If nodes of the step file: a routed unit's else branch is its forecaster."""
+    routed, folded = [], []
+    for node in model.graph.node:
+        if node.op_type == "If":
+            approximate = _branches(onnx.GraphProto(node=[node]))["else_branch"]
+            (routed if _node_names(approximate, ("MatMul", "Gemm")) else folded).append(node)
+    return routed, folded
+
+
+def test_step_file_branches_once_per_unit(tmp_path):
+    """The one-token, batch-1 file: static [1, 1] tokens, one If per unit and nothing gathered; its
+    step equals the general file's on the same feed, logits and decisions."""
+    import onnxruntime as ort
+
+    manifest = export_decode(_model(), tmp_path, OnnxDecodeConfig(), **QUIET)
+    assert manifest["step_file"] == STEP_FILE and manifest["verification"]["passed"]
+    model = onnx.load(str(tmp_path / STEP_FILE), load_external_data=False)
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 1]
+    routed, folded = _step_file_ifs(model)
+    assert (len(routed), len(folded)) == (2, 2)
+    assert not _node_names(model.graph, ("NonZero",))  # nothing gathered
+    for node in routed:  # no If inside a unit's branches (the general file nests all/mixed)
+        assert not any(_node_names(b, ("If",)) for b in _branches(onnx.GraphProto(node=[node])).values())
+    decoder = OrtDecoder(tmp_path)
+    assert decoder.step_session is not None
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(1))
+    _, past = decoder.step(ids, torch.ones_like(ids), decoder.empty_cache(1))
+    feeds = {"input_ids": np.full((1, 1), 9, np.int64), "attention_mask": np.ones((1, 7), np.int64),
+             **dict(zip(decoder.cache_names, past, strict=True))}
+    general = ort.InferenceSession(str(tmp_path / FILE), providers=["CPUExecutionProvider"]).run(None, feeds)
+    step = decoder.step_session.run(None, feeds)
+    np.testing.assert_allclose(step[0], general[0], atol=1e-5, rtol=0)
+    for a, b in zip(step[1:], general[1:], strict=True):  # present caches, then the decisions
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    # without it, every step runs the general file, and a stale step file is not left behind
+    export_decode(_model(), tmp_path, OnnxDecodeConfig(step_file=False), **QUIET)
+    assert not (tmp_path / STEP_FILE).exists() and OrtDecoder(tmp_path).step_session is None
+
+
+@pytest.mark.parametrize("theta", [math.inf, -math.inf])
+def test_step_file_runs_only_the_taken_branch(theta, tmp_path):
+    export_decode(_model(theta), tmp_path / "decode", OnnxDecodeConfig(verify_tokens=2), **QUIET)
+    model = onnx.load(str(tmp_path / "decode" / STEP_FILE), load_external_data=False)
+    _unique_names(model.graph, "")
+    routed, folded = _step_file_ifs(model)
+    ran = _profiled_step(tmp_path / "decode" / FILE, tmp_path, 1, STEP_FILE)
+    assert {n.name for n in routed + folded} <= ran
+    for node in routed:
+        branches = _branches(onnx.GraphProto(node=[node]))
+        execute, approximate = _node_names(branches["then_branch"]), _node_names(branches["else_branch"])
+        assert _node_names(branches["then_branch"], ("MatMul", "Gemm", "FusedMatMul"))
+        if theta == math.inf:
+            assert not execute & ran and approximate <= ran
+        else:
+            assert execute <= ran and not approximate & ran
+    for node in folded:
+        assert not _node_names(_branches(onnx.GraphProto(node=[node]))["then_branch"]) & ran
+
+
 def test_branch_free_export_stays_available(tmp_path):
     routed = _model()
-    manifest = export_decode(routed, tmp_path, OnnxDecodeConfig(branches=False), **QUIET)
+    manifest = export_decode(routed, tmp_path, OnnxDecodeConfig(branches=False, step_file=False), **QUIET)
     assert manifest["verification"]["passed"] and not manifest["config"]["branches"]
     model = onnx.load(str(tmp_path / FILE), load_external_data=False)
     assert not [n for n in model.graph.node if n.op_type == "If"]
