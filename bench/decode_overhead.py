@@ -22,9 +22,12 @@ LoRA weights (W + BA) are computed once per run, as ``generate`` does.
 ``irc.exporters.onnx_decode``): dense is the dense file, threshold / all-exec / none-exec
 the threshold file with its thresholds as calibrated, at −∞ and at +∞ (the file's
 threshold initializers overridden when the session is made,
-``SessionOptions.add_initializer``: the same graph, other decisions), and
-``dense (expanded attention)`` the dense file exported with ``grouped_attention=False``
-(keys and values expanded to every query head each step): what grouped attention buys.
+``SessionOptions.add_initializer``: the same graph, other decisions). At batch 1 these
+run their one-token steps through the step file (``OnnxDecodeConfig.step_file``); the
+``(general file)`` rows run every step through the general file instead (what the step
+file buys), and ``dense (expanded attention, general file)`` is the dense general file
+exported with ``grouped_attention=False`` (keys and values expanded to every query head
+each step): against ``dense (general file)``, what grouped attention buys.
 
     .venv/bin/python bench/decode_overhead.py --model runs/bench-quality-standard/informed-0.25
     .venv/bin/python bench/decode_overhead.py --model runs/frontier/informed-folded@0.20 --batch 8
@@ -115,20 +118,23 @@ def ort_decoders(routed) -> dict:
         return load_or_export_decode(routed, None, OnnxDecodeConfig(routing=routing, **kw),
                                      log=lambda line: print(line, file=sys.stderr))
 
-    decoders = {"dense": export("dense"), "dense (expanded attention)": export("dense", grouped_attention=False),
-                "threshold": export("threshold")}
+    decoders = {"dense": export("dense"), "dense (general file)": export("dense", step_file=False),
+                "dense (expanded attention, general file)": export("dense", grouped_attention=False, step_file=False),
+                "threshold": export("threshold"), "threshold (general file)": export("threshold", step_file=False)}
     path = decoders["threshold"].path
     names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer
              if i.name.endswith(".threshold")]
     if not names:
         raise SystemExit(f"{path}: no threshold initializers to override")
+    general = decoders["threshold (general file)"].path
     for name, theta in (("all-exec", -1e9), ("none-exec", 1e9)):
-        options = ort.SessionOptions()
-        values = [ort.OrtValue.ortvalue_from_numpy(np.array(theta, np.float32)) for _ in names]
-        for init, value in zip(names, values, strict=True):
-            options.add_initializer(init, value)
-        decoders[name] = OrtDecoder(path, session_options=options)
-        decoders[name].overrides = values  # the session reads them: they must outlive it
+        for label, file in ((name, path), (f"{name} (general file)", general)):
+            options = ort.SessionOptions()
+            values = [ort.OrtValue.ortvalue_from_numpy(np.array(theta, np.float32)) for _ in names]
+            for init, value in zip(names, values, strict=True):
+                options.add_initializer(init, value)
+            decoders[label] = OrtDecoder(file, session_options=options)
+            decoders[label].overrides = values  # the sessions read them: they must outlive them
     return decoders
 
 

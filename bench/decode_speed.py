@@ -78,7 +78,8 @@ def bench_backend(backend: str, model: str, dtype: str, args, command: str) -> l
             from irc.exporters.onnx_decode import OnnxDecodeConfig, load_or_export_decode
 
             routed.set_routing(mode)
-            config = OnnxDecodeConfig(routing=mode, grouped_attention=args.ort_attention == "grouped")
+            config = OnnxDecodeConfig(routing=mode, grouped_attention=args.ort_attention == "grouped",
+                                      step_file=args.ort_step_file == "on")
             models[mode] = load_or_export_decode(routed, None, config, log=lambda line: print(line, file=sys.stderr))
     kv = decode_kv_bytes(routed, models["threshold"], 4 if backend == "ort" else None)  # ORT: fp32
     rows = []
@@ -169,6 +170,9 @@ def main() -> int:
     p.add_argument("--ort-attention", default="grouped", choices=["grouped", "expanded"],
                    help="the ONNX files' grouped-query attention: over the cache's own heads (default), or the "
                    "exporter's SDPA over keys and values expanded every step (OnnxDecodeConfig.grouped_attention)")
+    p.add_argument("--ort-step-file", default="on", choices=["on", "off"],
+                   help="on (default): one-token steps at batch 1 run the one-token step file "
+                   "(OnnxDecodeConfig.step_file); off: every step runs the general file")
     p.add_argument("--out", default=str(ROOT / "docs/results/decode_speed"))
     args = p.parse_args()
     args.batch = [int(b) for b in args.batch.split(",")]
@@ -223,7 +227,10 @@ def main() -> int:
     lines += ["", "speed-up: routed median / dense median; paired: the median over repeats of routed / dense "
               "in the same repeat (the two run back to back, so drift of the machine between repeats cancels).",
               "", "ONNX Runtime rows: the threshold file routes behind ONNX If nodes (each unit's skipped branch "
-              f"does not run); the file's decisions output gives the execute fraction. Attention: {attention}.",
+              f"does not run); the file's decisions output gives the execute fraction. Attention: {attention}. "
+              + ("Batch 1: the one-token steps run the step file (static B = T = 1, one If per routed unit, "
+                 "OnnxDecodeConfig.step_file), dense and routed alike." if args.ort_step_file == "on" else
+                 "Every step runs the general file (--ort-step-file off)."),
               "", "KV B/token: KV-cache bytes per token of context; dense: every layer's cache grows with the "
               "context (the base model); routed: a forecast-folded attention layer keeps its n_sink sink slots "
               "only (a constant, not counted per token).",

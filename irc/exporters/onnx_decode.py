@@ -22,6 +22,17 @@ manifest's ``cache.sink_slots`` names those tensors. Routing in the file:
   token, the decision selects): the same tokens, none of the speed.
 - ``dense``: every unit runs (the base model with a KV cache).
 
+The step file (``OnnxDecodeConfig.step_file``, the default): ``decode_step.onnx`` beside
+``decode.onnx``, the same step exported with B = T = 1 static (the past still dynamic, at
+least 3 positions). Each routed unit branches once, on its token's decision (the general
+file nests ``If(any)`` → ``If(all)`` → unit | gathered), sizes are constants rather than shape
+arithmetic inside the branches, and no ``NonZero`` path is written. ``OrtDecoder`` runs
+one-token steps at batch 1 (what most decoding is) through it, and everything else (the
+prompt, B > 1) through the general file. Measured on the 20%-FLOP folded SmolLM2 (one step at
+P = 256, 10th percentile of interleaved blocks): the step file changes the dense step by
+−1.5% and makes the routed step 5% faster (all-exec 7%, none-exec 4%). It costs a second
+session, which holds its own copy of the weights, and a second external-data file.
+
 ``decisions`` (threshold routing, ``OnnxDecodeConfig.decisions``): row u is the
 decision of routed unit u (the manifest's ``decision_units``) on every new token,
 True where it executed (a real token, routed or a sink); ``OrtDecoder`` counts them,
