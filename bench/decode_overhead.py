@@ -118,9 +118,10 @@ def ort_decoders(routed) -> dict:
         return load_or_export_decode(routed, None, OnnxDecodeConfig(routing=routing, **kw),
                                      log=lambda line: print(line, file=sys.stderr))
 
-    decoders = {"dense": export("dense"), "dense (general file)": export("dense", step_file=False),
+    decoders = {"dense": export("dense", step_file=True), "dense (general file)": export("dense", step_file=False),
                 "dense (expanded attention, general file)": export("dense", grouped_attention=False, step_file=False),
-                "threshold": export("threshold"), "threshold (general file)": export("threshold", step_file=False)}
+                "threshold": export("threshold", step_file=True),
+                "threshold (general file)": export("threshold", step_file=False)}
     path = decoders["threshold"].path
     names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer
              if i.name.endswith(".threshold")]

@@ -170,9 +170,9 @@ def main() -> int:
     p.add_argument("--ort-attention", default="grouped", choices=["grouped", "expanded"],
                    help="the ONNX files' grouped-query attention: over the cache's own heads (default), or the "
                    "exporter's SDPA over keys and values expanded every step (OnnxDecodeConfig.grouped_attention)")
-    p.add_argument("--ort-step-file", default="on", choices=["on", "off"],
-                   help="on (default): one-token steps at batch 1 run the one-token step file "
-                   "(OnnxDecodeConfig.step_file); off: every step runs the general file")
+    p.add_argument("--ort-step-file", default="off", choices=["on", "off"],
+                   help="on: one-token steps at batch 1 run the one-token step file (OnnxDecodeConfig.step_file); "
+                   "off (default): every step runs the general file")
     p.add_argument("--out", default=str(ROOT / "docs/results/decode_speed"))
     args = p.parse_args()
     args.batch = [int(b) for b in args.batch.split(",")]

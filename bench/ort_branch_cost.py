@@ -5,13 +5,15 @@ threshold; exported once, cached) and writes two probes of the threshold file, e
 edit of the same file: every routed unit's ``If`` replaced by its execute branch inlined
 (``inlined execute``: the routers and decisions still run, as the file's ``decisions``
 output needs them) or by its forecaster branch inlined (``inlined forecast``). Then times
-one decode step of each, on the cache of a real --prompt-len-token prompt (prefilled once
-by the general file), interleaved: --rounds rounds of --blocks blocks of 5 steps per
+one decode step of each, and of the general files (``decode.onnx``, nested ``If`` nodes and
+traced sizes) for the same step, on the cache of a real --prompt-len-token prompt (prefilled
+once by the general file), interleaved: --rounds rounds of --blocks blocks of 5 steps per
 setting. The 10th percentile of the block means is the figure (this machine's noise is
 one-sided: other work only slows a block); ratios are dense / setting.
 
     all-exec (If)      vs  inlined execute   : what the If nodes cost when every unit executes
     none-exec (If)     vs  inlined forecast  : ... when every unit is approximated
+    X                  vs  X (general file)  : what the step file buys
 
     .venv/bin/python bench/ort_branch_cost.py --model runs/frontier/informed-folded@0.20
 
@@ -102,12 +104,12 @@ def main() -> int:
     from irc.benchmark.speed import text_inputs
 
     routed = irc.load(args.model, dtype="fp32")
-    files = {}
+    files, general = {}, {}
     for routing in ("dense", "threshold"):
         routed.set_routing(routing)
-        decoder = load_or_export_decode(routed, None, OnnxDecodeConfig(routing=routing),
+        decoder = load_or_export_decode(routed, None, OnnxDecodeConfig(routing=routing, step_file=True),
                                         log=lambda line: print(line, file=sys.stderr))
-        files[routing] = decoder.path.with_name(STEP_FILE)
+        files[routing], general[routing] = decoder.path.with_name(STEP_FILE), decoder.path
     # the real cache of a prompt, prefilled by the threshold file's general session
     ids, _ = text_inputs(routed.base.tokenizer, 1, args.prompt_len)
     logits, past = decoder.step(ids, torch.ones_like(ids), decoder.empty_cache(1))
@@ -124,7 +126,12 @@ def main() -> int:
                     "all-exec (If)": session(files["threshold"], -1e9),
                     "inlined execute": session(probes["inlined execute"]),
                     "none-exec (If)": session(files["threshold"], 1e9),
-                    "inlined forecast": session(probes["inlined forecast"])}
+                    "inlined forecast": session(probes["inlined forecast"]),
+                    # the general file run for the same one-token step: what the step file buys
+                    "dense (general file)": session(general["dense"]),
+                    "threshold (general file)": session(general["threshold"]),
+                    "all-exec (general file)": session(general["threshold"], -1e9),
+                    "none-exec (general file)": session(general["threshold"], 1e9)}
     finally:
         for path in probes.values():
             path.unlink(missing_ok=True)
@@ -159,7 +166,11 @@ def main() -> int:
     lines += ["", f"The If nodes, every unit executing: {p10['all-exec (If)'] - p10['inlined execute']:.2f} ms "
               f"per step ({(p10['all-exec (If)'] - p10['inlined execute']) / n_ifs * 1e3:.0f} µs per If); every "
               f"unit approximated: {p10['none-exec (If)'] - p10['inlined forecast']:.2f} ms "
-              f"({(p10['none-exec (If)'] - p10['inlined forecast']) / n_ifs * 1e3:.0f} µs per If)."]
+              f"({(p10['none-exec (If)'] - p10['inlined forecast']) / n_ifs * 1e3:.0f} µs per If). "
+              "The step file against the general file (p10, general / step): "
+              + ", ".join(f"{name} {p10[f'{name} (general file)'] / p10[key]:.3f}×" for name, key in
+                          (("dense", "dense"), ("threshold", "threshold (If)"), ("all-exec", "all-exec (If)"),
+                           ("none-exec", "none-exec (If)"))) + "."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -22,16 +22,19 @@ manifest's ``cache.sink_slots`` names those tensors. Routing in the file:
   token, the decision selects): the same tokens, none of the speed.
 - ``dense``: every unit runs (the base model with a KV cache).
 
-The step file (``OnnxDecodeConfig.step_file``, the default): ``decode_step.onnx`` beside
+The step file (``OnnxDecodeConfig.step_file``, off by default): ``decode_step.onnx`` beside
 ``decode.onnx``, the same step exported with B = T = 1 static (the past still dynamic, at
 least 3 positions). Each routed unit branches once, on its token's decision (the general
 file nests ``If(any)`` → ``If(all)`` → unit | gathered), sizes are constants rather than shape
 arithmetic inside the branches, and no ``NonZero`` path is written. ``OrtDecoder`` runs
 one-token steps at batch 1 (what most decoding is) through it, and everything else (the
-prompt, B > 1) through the general file. Measured on the 20%-FLOP folded SmolLM2 (one step at
-P = 256, 10th percentile of interleaved blocks): the step file changes the dense step by
-−1.5% and makes the routed step 5% faster (all-exec 7%, none-exec 4%). It costs a second
-session, which holds its own copy of the weights, and a second external-data file.
+prompt, B > 1) through the general file. It costs a second session, which holds its own copy
+of the weights, and a second external-data file; on this CPU it bought nothing measurable,
+so it is off by default. On the 20%-FLOP folded SmolLM2, one step at P = 256, 10th percentile
+of interleaved blocks (``bench/ort_branch_cost.py``, general / step): on the cache of a real
+prompt, threshold 1.00×, all-exec 1.03×, none-exec 1.00×, dense 0.94× (the dense step file
+slower); on a random cache (a scratch probe), threshold 1.05×, dense 0.985×. What the routed
+step pays for is mostly its ``If`` nodes and routers, not shape arithmetic (that script).
 
 ``decisions`` (threshold routing, ``OnnxDecodeConfig.decisions``): row u is the
 decision of routed unit u (the manifest's ``decision_units``) on every new token,
@@ -115,9 +118,9 @@ class OnnxDecodeConfig:
     # grouped-query attention as matmuls over the cache's own heads (irc.passes.grouped_kv_attention);
     # False: the exporter's SDPA over n_rep-fold keys and values, expanded every step (files before it)
     grouped_attention: bool = True
-    # a second file for the one-token steps of batch 1 (B = T = 1 static, one If per routed unit):
-    # what most decoding runs; False: the general file serves every step
-    step_file: bool = True
+    # a second file for the one-token steps of batch 1 (B = T = 1 static, one If per routed unit);
+    # off by default: on this CPU it measured no gain and costs a second copy of the weights (module doc)
+    step_file: bool = False
 
     def __post_init__(self):
         if self.routing == "dense":  # every unit runs: there are no decisions to report

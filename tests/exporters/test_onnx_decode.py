@@ -62,7 +62,7 @@ def test_grouped_attention_expands_no_cache(tmp_path):
     expands = {}
     for grouped in (True, False):
         out = tmp_path / str(grouped)
-        config = OnnxDecodeConfig(routing="dense", grouped_attention=grouped, step_file=False)
+        config = OnnxDecodeConfig(routing="dense", grouped_attention=grouped)
         manifest = export_decode(routed, out, config, log=lambda _: None)
         assert manifest["verification"]["passed"] and manifest["config"]["grouped_attention"] is grouped
         graph = onnx.load(str(out / FILE), load_external_data=False).graph

@@ -139,7 +139,7 @@ def _unique_names(graph: onnx.GraphProto, prefix: str) -> None:
 
 @pytest.mark.parametrize("theta", [math.inf, -math.inf])
 def test_ort_runs_only_the_taken_branch(theta, tmp_path):
-    export_decode(_model(theta), tmp_path / "decode", OnnxDecodeConfig(verify_tokens=2, step_file=False), **QUIET)
+    export_decode(_model(theta), tmp_path / "decode", OnnxDecodeConfig(verify_tokens=2), **QUIET)
     model = onnx.load(str(tmp_path / "decode" / FILE), load_external_data=False)
     _unique_names(model.graph, "")
     dynamic, folded = _top_level_ifs(model)
@@ -177,7 +177,7 @@ def test_step_file_branches_once_per_unit(tmp_path):
     step equals the general file's on the same feed, logits and decisions."""
     import onnxruntime as ort
 
-    manifest = export_decode(_model(), tmp_path, OnnxDecodeConfig(), **QUIET)
+    manifest = export_decode(_model(), tmp_path, OnnxDecodeConfig(step_file=True), **QUIET)
     assert manifest["step_file"] == STEP_FILE and manifest["verification"]["passed"]
     model = onnx.load(str(tmp_path / STEP_FILE), load_external_data=False)
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 1]
@@ -204,7 +204,7 @@ def test_step_file_branches_once_per_unit(tmp_path):
 
 @pytest.mark.parametrize("theta", [math.inf, -math.inf])
 def test_step_file_runs_only_the_taken_branch(theta, tmp_path):
-    export_decode(_model(theta), tmp_path / "decode", OnnxDecodeConfig(verify_tokens=2), **QUIET)
+    export_decode(_model(theta), tmp_path / "decode", OnnxDecodeConfig(verify_tokens=2, step_file=True), **QUIET)
     model = onnx.load(str(tmp_path / "decode" / STEP_FILE), load_external_data=False)
     _unique_names(model.graph, "")
     routed, folded = _step_file_ifs(model)
@@ -224,7 +224,7 @@ def test_step_file_runs_only_the_taken_branch(theta, tmp_path):
 
 def test_branch_free_export_stays_available(tmp_path):
     routed = _model()
-    manifest = export_decode(routed, tmp_path, OnnxDecodeConfig(branches=False, step_file=False), **QUIET)
+    manifest = export_decode(routed, tmp_path, OnnxDecodeConfig(branches=False), **QUIET)
     assert manifest["verification"]["passed"] and not manifest["config"]["branches"]
     model = onnx.load(str(tmp_path / FILE), load_external_data=False)
     assert not [n for n in model.graph.node if n.op_type == "If"]

@@ -69,5 +69,7 @@ def test_lora_model_exports_prefill_and_decode(tmp_path):
     manifest = export_onnx(routed, tmp_path / "model.onnx", OnnxExportConfig(routing="threshold"), log=lambda s: None)
     assert manifest["verification"]["passed"] and manifest["verification"]["max_abs_diff"] < 1e-4
     routed.set_routing("threshold")
-    manifest = export_decode(routed, tmp_path / "decode", OnnxDecodeConfig(routing="threshold"), log=lambda s: None)
+    # the step file too: its one-token steps, LoRA and folds included, verified against torch
+    config = OnnxDecodeConfig(routing="threshold", step_file=True)
+    manifest = export_decode(routed, tmp_path / "decode", config, log=lambda s: None)
     assert manifest["verification"]["passed"] and manifest["verification"]["tokens_equal"]
