@@ -105,12 +105,26 @@ def step_ms(routed, decoder, ids, mode, threshold, steps, graph=None) -> float:
             routed.units[name].threshold.copy_(value)
 
 
-def ort_decoders(routed) -> dict:
-    """Per setting, an ``OrtDecoder`` (see the module doc); the threshold file's session remade per θ."""
+def threshold_options(path, theta: float):
+    """ORT session options that set every threshold initializer of the file at ``path`` to ``theta``
+    (the same graph, other decisions), and the values they hold: keep those as long as the session."""
     import numpy as np
     import onnx
     import onnxruntime as ort
 
+    names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer
+             if i.name.endswith(".threshold")]
+    if not names:
+        raise SystemExit(f"{path}: no threshold initializers to override")
+    options = ort.SessionOptions()
+    values = [ort.OrtValue.ortvalue_from_numpy(np.array(theta, np.float32)) for _ in names]
+    for name, value in zip(names, values, strict=True):
+        options.add_initializer(name, value)
+    return options, values
+
+
+def ort_decoders(routed) -> dict:
+    """Per setting, an ``OrtDecoder`` (see the module doc); the threshold file's session remade per θ."""
     from irc.exporters.onnx_decode import OnnxDecodeConfig, OrtDecoder, load_or_export_decode
 
     def export(routing, **kw):
@@ -122,18 +136,10 @@ def ort_decoders(routed) -> dict:
                 "dense (expanded attention, general file)": export("dense", grouped_attention=False, step_file=False),
                 "threshold": export("threshold", step_file=True),
                 "threshold (general file)": export("threshold", step_file=False)}
-    path = decoders["threshold"].path
-    names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer
-             if i.name.endswith(".threshold")]
-    if not names:
-        raise SystemExit(f"{path}: no threshold initializers to override")
-    general = decoders["threshold (general file)"].path
+    path, general = decoders["threshold"].path, decoders["threshold (general file)"].path
     for name, theta in (("all-exec", -1e9), ("none-exec", 1e9)):
         for label, file in ((name, path), (f"{name} (general file)", general)):
-            options = ort.SessionOptions()
-            values = [ort.OrtValue.ortvalue_from_numpy(np.array(theta, np.float32)) for _ in names]
-            for init, value in zip(names, values, strict=True):
-                options.add_initializer(init, value)
+            options, values = threshold_options(file, theta)  # the step file beside it has the same names
             decoders[label] = OrtDecoder(file, session_options=options)
             decoders[label].overrides = values  # the sessions read them: they must outlive them
     return decoders

@@ -42,6 +42,9 @@ sys.path.insert(0, str(ROOT))
 import irc  # noqa: E402
 from irc.exporters.onnx_decode import STEP_FILE, OnnxDecodeConfig, load_or_export_decode  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from decode_overhead import threshold_options  # noqa: E402
+
 
 def routed_ifs(graph: onnx.GraphProto) -> list[int]:
     """Positions of the routed units' If nodes: their else branch is the forecaster (a folded unit's
@@ -79,14 +82,7 @@ def inlined(step_file: Path, branch: str, out: Path) -> int:
 
 
 def session(path: Path, theta: float | None = None):
-    options = ort.SessionOptions()
-    keep = []
-    if theta is not None:  # every threshold initializer overridden (as bench/decode_overhead.py does)
-        names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer
-                 if i.name.endswith(".threshold")]
-        for name in names:
-            keep.append(ort.OrtValue.ortvalue_from_numpy(np.array(theta, np.float32)))
-            options.add_initializer(name, keep[-1])
+    options, keep = threshold_options(path, theta) if theta is not None else (None, [])
     s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     s.overrides = keep  # the session reads them: they must outlive it
     return s
