@@ -40,6 +40,7 @@ from torch.export import Dim
 from irc import __version__
 from irc.cache import check_output
 from irc.errors import UserError
+from irc.nn.lora import merged_lora
 
 ROUTINGS = ("capacity", "threshold", "dense")
 TRT_MAX_TOPK = 3840  # TensorRT's TopK limit; the routers' stable sorts are TopK with k = T
@@ -152,7 +153,7 @@ def export_onnx(routed, out: str | Path, config: OnnxExportConfig = OnnxExportCo
         start = time.perf_counter()
         ids, mask = sample_inputs(routed.arch.vocab)[1]
         batch, seq = Dim("batch", min=1, max=config.max_batch), Dim("seq", min=1, max=max_seq)
-        with torch.no_grad():
+        with torch.no_grad(), merged_lora(routed.gm):  # W + BA as one weight: ORT folds no If branch
             ep = torch.export.export(
                 _Logits(routed.gm), (ids, mask),
                 dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},

@@ -94,6 +94,7 @@ from irc import __version__
 from irc.errors import UserError
 from irc.exporters.onnx import FP32_ATOL, _translations
 from irc.generation.capture import MIN_CONTEXT
+from irc.nn.lora import merged_lora
 from irc.passes.grouped_kv_attention import expanded_export
 from irc.passes.route_decoder_blocks import folded_modules
 
@@ -101,6 +102,9 @@ ROUTINGS = ("threshold", "dense")
 FILE = "decode.onnx"
 STEP_FILE = "decode_step.onnx"  # the one-token, batch-1 step (OnnxDecodeConfig.step_file)
 DECISIONS = "decisions"  # the output of every routed unit's decisions, [U, B, T] bool
+# how the files are made, where the settings do not say it; a cached export of another revision is redone.
+# 2: LoRA-adapted weights merged into one initializer each (irc.nn.lora.merged_lora); 1 had B·A in the graph
+REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -247,7 +251,7 @@ def _lower(step: _Step, routed, decoder, config: OnnxDecodeConfig, output_names:
                    "past": tuple({0: b, 2: past_len if n is None else sinks[n]} for n in slots)}
     what = "the one-token step" if new == 1 else "the routed decode step"
     start = time.perf_counter()
-    with torch.no_grad(), expanded_export(not config.grouped_attention):
+    with torch.no_grad(), expanded_export(not config.grouped_attention), merged_lora(step):
         ep = torch.export.export(step, (ids, mask, *past), dynamic_shapes=dynamic, strict=False,
                                  prefer_deferred_runtime_asserts_over_guards=True)
     if config.branches:
@@ -301,7 +305,7 @@ def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDe
                 f"ONNX Runtime decoding does not match PyTorch: tokens equal {verification['tokens_equal']}, "
                 f"max abs logit diff {verification['max_abs_diff']:.3g} (tolerance {config.atol}); no file written")
         manifest = {
-            "format": "irc-onnx-decode", "irc_version": __version__, "file": FILE,
+            "format": "irc-onnx-decode", "revision": REVISION, "irc_version": __version__, "file": FILE,
             "base": {"source": routed.base.source.given, "weights_sha256": routed.base.weights_sha256},
             "plan": routed.plan.to_dict(), "routing": config.routing, "profile": config.profile,
             "opset": config.opset, "dtype": "float32", "routing_sha256": routing_digest(routed),
@@ -515,6 +519,7 @@ def load_or_export_decode(routed, onnx_dir: str | Path | None, config: OnnxDecod
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         if (m.get("routing_sha256") == digest and m.get("routing") == config.routing
+                and m.get("revision", 1) == REVISION
                 and m.get("config", {}).get("branches", False) == config.branches
                 and m.get("config", {}).get("decisions", False) == config.decisions
                 and m.get("config", {}).get("grouped_attention", False) == config.grouped_attention

@@ -6,10 +6,19 @@ parametrization that adds the low-rank delta. A unit's body and its attention
 kv/query parts own the same weight tensors, so one ``LoRADelta`` per weight is
 registered on every part that reads it: all paths see the same adapted weight.
 ``B`` starts at zero, so attaching LoRA changes nothing until it is trained.
+
+``merged_lora`` hands an export one tensor per adapted weight instead of the
+product. Traced, the delta is ``MatMul(B, A)``, ``Mul``, ``Add`` (and a
+``Transpose``) in the graph, inside the decode files' ``If`` branches too: the
+file then relies on the runtime to fold them into constants. ONNX Runtime does,
+outer scope included (the decode step's speed did not move when the merge came,
+``docs/results/ort_branch_cost.md``); merged, the file holds the weights that run
+and no B or A (1.4% smaller for SmolLM2).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -43,3 +52,34 @@ def attach_lora(unit: nn.Module, parts: dict, rank: int, alpha: float, targets: 
                 deltas[target] = LoRADelta(w.shape[0], w.shape[1], rank, alpha, w.dtype)
             parametrize.register_parametrization(owner, "weight", deltas[target], unsafe=True)
     return nn.ModuleDict(deltas)
+
+
+@contextlib.contextmanager
+def merged_lora(root: nn.Module):
+    """Within the block, every LoRA-adapted weight under ``root`` is one plain parameter ``W + (α/r)·BA``.
+
+    For tracing and export: ``module.weight`` still goes through its parametrization, whose original
+    is swapped for the merged tensor and whose deltas for identities, so a capture sees a parameter,
+    not the product. Parts that share a weight share its merged tensor. Everything is put back on
+    exit (the same ``original`` parameters and deltas); nothing trains inside the block.
+    """
+    lists = [m.parametrizations["weight"] for m in root.modules()
+             if parametrize.is_parametrized(m, "weight")
+             and any(isinstance(p, LoRADelta) for p in m.parametrizations["weight"])]
+    merged: dict[int, nn.Parameter] = {}
+    with torch.no_grad():
+        for plist in lists:
+            if id(plist.original) not in merged:
+                merged[id(plist.original)] = nn.Parameter(plist().detach().clone(), requires_grad=False)
+    saved = [(plist, plist.original, list(plist)) for plist in lists]
+    try:
+        for plist, original, deltas in saved:
+            plist.original = merged[id(original)]
+            for i in range(len(deltas)):
+                plist[i] = nn.Identity()
+        yield
+    finally:
+        for plist, original, deltas in saved:
+            plist.original = original
+            for i, delta in enumerate(deltas):
+                plist[i] = delta

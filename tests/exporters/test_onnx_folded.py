@@ -6,6 +6,7 @@ on rows with fewer real tokens than n_sink.
 """
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from routed_helpers import tiny_routed
@@ -73,3 +74,15 @@ def test_lora_model_exports_prefill_and_decode(tmp_path):
     config = OnnxDecodeConfig(routing="threshold", step_file=True)
     manifest = export_decode(routed, tmp_path / "decode", config, log=lambda s: None)
     assert manifest["verification"]["passed"] and manifest["verification"]["tokens_equal"]
+    # the files hold each adapted weight merged (irc.nn.lora.merged_lora): no B and A to multiply per
+    # call, which ONNX Runtime would not fold inside the decode files' If branches
+    for path in (tmp_path / "model.onnx", tmp_path / "decode" / "decode.onnx", tmp_path / "decode" / "decode_step.onnx"):
+        names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer]
+        assert not [n for n in names if ".lora." in n], path.name
+    # and the model keeps its LoRA: the adapted weights still move with B
+    delta = next(iter(routed.units.values())).lora["q_proj"]
+    owner = next(iter(routed.units.values())).body.q_proj
+    before = owner.weight.detach().clone()
+    with torch.no_grad():
+        delta.B.add_(0.1)
+    assert not torch.equal(owner.weight, before)
