@@ -153,7 +153,7 @@ def export_onnx(routed, out: str | Path, config: OnnxExportConfig = OnnxExportCo
         start = time.perf_counter()
         ids, mask = sample_inputs(routed.arch.vocab)[1]
         batch, seq = Dim("batch", min=1, max=config.max_batch), Dim("seq", min=1, max=max_seq)
-        with torch.no_grad(), merged_lora(routed.gm):  # W + BA as one weight: ORT folds no If branch
+        with torch.no_grad(), merged_lora(routed.gm):  # each LoRA-adapted weight as one initializer
             ep = torch.export.export(
                 _Logits(routed.gm), (ids, mask),
                 dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},

@@ -13,7 +13,7 @@ product. Traced, the delta is ``MatMul(B, A)``, ``Mul``, ``Add`` (and a
 file then relies on the runtime to fold them into constants. ONNX Runtime does,
 outer scope included (the decode step's speed did not move when the merge came,
 ``docs/results/ort_branch_cost.md``); merged, the file holds the weights that run
-and no B or A (1.4% smaller for SmolLM2).
+and no B or A (SmolLM2's dense decode file: 546 → 539 MB).
 """
 
 from __future__ import annotations
