@@ -4,8 +4,12 @@ For each backend and batch size: a prompt of --prompt-len real tokens per row
 (consecutive windows of the wiki held-out split), then --new-tokens greedy
 tokens (end-of-sequence ignored, so every run decodes the same count). Decode
 tokens/s counts the tokens produced by decode steps (B per step) over the time
-of the decode steps; prefill is timed apart. Dense is the same routed graph in
-``dense`` mode (every unit runs, no router), routed is ``threshold`` routing.
+of the decode steps; prefill is timed apart. Dense is the base model's decode step
+through the same machinery (``irc.generation.decoder.dense_decoder``; ONNX Runtime: the
+``dense`` decode file, exported from it): no router and no folded unit. (Until
+2026-12-06 it was the routed graph in ``dense`` mode, where a folded model's
+forecast-folded units still forecast: a baseline that had folding's savings already.)
+Routed is ``threshold`` routing.
 Runs interleave dense and routed; each figure is the median of --repeats runs
 after one warm-up run. PyTorch runs in --dtype (bf16 by default); ONNX Runtime
 in fp32 (the decode export's precision; its threshold file routes behind ONNX
@@ -48,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 import irc  # noqa: E402
 from irc.generation import GenerationConfig, generate  # noqa: E402
+from irc.generation.decoder import dense_decoder  # noqa: E402
 from irc.generation.stats import decode_flops, decode_kv_bytes  # noqa: E402
 
 
@@ -72,8 +77,8 @@ def bench_backend(backend: str, model: str, dtype: str, args, command: str) -> l
     routed = irc.load(model, dtype=dtype)
     models = {}
     for mode in ("dense", "threshold"):
-        if backend == "torch":
-            models[mode] = routed
+        if backend == "torch":  # dense: the base model's decode step (a folded model unfolded)
+            models[mode] = dense_decoder(routed) if mode == "dense" else routed
         else:
             from irc.exporters.onnx_decode import OnnxDecodeConfig, load_or_export_decode
 

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from irc.cli.common import emit_json, info
     from irc.errors import UserError
     from irc.generation import GenerationConfig, generate
+    from irc.generation.decoder import dense_decoder
     from irc.generation.stats import decode_flops, decode_kv_bytes, kv_cache_line
     from irc.routing import is_routed_dir
 
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = routed.tokenizer
     ids = _prompt_ids(tokenizer, args.prompt, args.chat)
     config = _fit_positions(config, ids.shape[1], routed.arch.max_positions, quiet=args.json)
-    model = routed
+    # dense: the base model's decode step (a folded model's folded units unfolded), the dense cost
+    model = dense_decoder(routed) if routing == "dense" else routed
     if args.backend == "ort":
         from irc.exporters.onnx_decode import OnnxDecodeConfig, load_or_export_decode
 
@@ -79,12 +81,13 @@ def run(args: argparse.Namespace) -> int:
     text = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
     seconds = time.perf_counter() - start
     context = ids.shape[1] + (result.new_tokens - 1) / 2
-    if routing == "dense":  # every unit runs, no router: the dense model's cost
-        result.execute_fraction = 1.0
-        result.execute_fractions = {name: 1.0 for name in routed.units}
     # an ONNX file without a decisions output reports none (n/a): count FLOPs as dense there
     fractions = {} if routing == "dense" or result.execute_fraction is None else result.execute_fractions
     flops = decode_flops(routed.arch, routed.plan, fractions, context)
+    if routing == "dense":  # the base model: every unit runs, no router, nothing folded
+        result.execute_fraction = 1.0
+        result.execute_fractions = {name: 1.0 for name in routed.units}
+        flops = {**flops, "routed": flops["dense"], "saved": 0.0}
     kinds = _by_kind(result.execute_fractions)
     kv = decode_kv_bytes(routed, model, 4 if args.backend == "ort" else None)  # ORT: fp32
     if args.json:

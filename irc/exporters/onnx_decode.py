@@ -20,7 +20,9 @@ manifest's ``cache.sink_slots`` names those tensors. Routing in the file:
   and a forecast-folded unit's sink-slot work runs only on steps with a new sink.
   ``branches=False``: branch-free (the unit and the forecaster run on every new
   token, the decision selects): the same tokens, none of the speed.
-- ``dense``: every unit runs (the base model with a KV cache).
+- ``dense``: the base model with a KV cache (``irc.generation.decoder.dense_decoder``: no
+  routed and no folded unit, where the routed graph in dense mode would still forecast
+  its forecast-folded units), the baseline of speed comparisons.
 
 The step file (``OnnxDecodeConfig.step_file``, off by default): ``decode_step.onnx`` beside
 ``decode.onnx``, the same step exported with B = T = 1 static (the past still dynamic, at
@@ -104,7 +106,8 @@ STEP_FILE = "decode_step.onnx"  # the one-token, batch-1 step (OnnxDecodeConfig.
 DECISIONS = "decisions"  # the output of every routed unit's decisions, [U, B, T] bool
 # how the files are made, where the settings do not say it; a cached export of another revision is redone.
 # 2: LoRA-adapted weights merged into one initializer each (irc.nn.lora.merged_lora); 1 had B·A in the graph
-REVISION = 2
+# 3: the dense file is the base model's decode step (dense_decoder); 2 kept a folded model's folded units
+REVISION = 3
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,13 @@ class _Step(torch.nn.Module):
         if len(collected) != len(self.units):
             raise RuntimeError(f"{len(collected)} of {len(self.units)} routed units reported decisions")
         return logits, *present, torch.stack(collected)
+
+
+def _torch_decoder(routed, routing: str):
+    """The PyTorch decode graph a file of this routing is exported from and verified against."""
+    from irc.generation.decoder import decoder_for, dense_decoder
+
+    return dense_decoder(routed) if routing == "dense" else decoder_for(routed)
 
 
 def _names(n_cache: int) -> tuple[list[str], list[str]]:
@@ -267,15 +277,13 @@ def _lower(step: _Step, routed, decoder, config: OnnxDecodeConfig, output_names:
 
 def export_decode(routed, out_dir: str | Path, config: OnnxDecodeConfig = OnnxDecodeConfig(), *, log=print) -> dict:
     """Write ``out_dir/decode.onnx`` (+ external data and ``decode.onnx.json``); return the manifest."""
-    from irc.generation.decoder import decoder_for
-
     if routed.base.dtype != torch.float32:
         raise UserError(f"ONNX decode export runs in fp32; load the model with dtype fp32 (got {routed.base.dtype})")
     if routed.plan.kv_policy == "drop" and config.routing == "threshold":
         raise UserError("ONNX decode export of kv_policy='drop' is not implemented (the dropped keys would be "
                         "extra cache state); export a kv_policy='keep' model")
     out_dir = Path(out_dir)
-    decoder = decoder_for(routed)
+    decoder = _torch_decoder(routed, config.routing)
     _routing(decoder, config.routing, config.branches)
     empty = decoder.empty_cache(1)[0]  # [1, Hkv, 0, hd]
     n_cache = len(decoder.empty_cache(1))
@@ -343,10 +351,9 @@ def verify_decode(routed, path: Path, config: OnnxDecodeConfig) -> dict:
     import onnxruntime as ort
 
     from irc.generation import GenerationConfig, generate
-    from irc.generation.decoder import decoder_for
 
     ort_decoder = OrtDecoder(path)
-    decoder = decoder_for(routed)
+    decoder = _torch_decoder(routed, config.routing)
     saved = {name: (u.mode, u.sparse, u.record) for name, u in decoder.units.items()}
     gen = GenerationConfig(max_new_tokens=config.verify_tokens, stop_at_eos=False)
     worst, equal, cases = 0.0, True, []

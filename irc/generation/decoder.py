@@ -29,6 +29,13 @@ buffers (sink-slot layers excepted) and ``step`` writes each step's new keys and
 values there instead of copying the past; ``empty_cache(B)`` is the copying cache.
 Grouped-query attention reads the cache's Hkv heads directly
 (``irc.passes.grouped_kv_attention``), not an n_rep-fold copy made every step.
+
+The dense baseline is ``dense_decoder(routed)``: the base model's decode step through
+the same machinery (static cache, grouped-query attention), with no routed or folded
+unit. ``decoder_for(routed)`` in ``dense`` mode is not it for a folded model: every
+routed unit runs, but a folded unit is a compile-time specialisation that ignores the
+mode, so a forecast-folded unit still forecasts and keeps its sink-slot cache (the
+routed model with its routers off, not the model it was made from).
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from irc.passes.static_kv_cache import restore_cat, static_kv_cache
 
 _SETTINGS = ("mode", "sparse", "tau", "capacity", "record")
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DENSE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -148,6 +156,21 @@ def decoder_for(routed) -> Decoder:
         _tie(decoder.gm, routed)
         decoder._units = None
     decoder.sync()
+    return decoder
+
+
+def dense_decoder(routed) -> Decoder:
+    """The base model's decode step, for the dense side of a comparison (see the module doc):
+    no routed or folded unit, the same static cache and grouped-query attention as
+    ``decoder_for(routed)``. Built once per routed model."""
+    decoder = _DENSE.get(routed.gm)
+    if decoder is None:
+        start = time.perf_counter()
+        gm = capture_decode(routed.base.model).gm
+        run_passes(gm, [("drop_noop_conversions", drop_noop_conversions), ("static_kv_cache", static_kv_cache),
+                        ("grouped_kv_attention", grouped_kv_attention)])
+        decoder = Decoder(gm=gm, routed=routed, capture_seconds=time.perf_counter() - start)
+        _DENSE[routed.gm] = decoder
     return decoder
 
 

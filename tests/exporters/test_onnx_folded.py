@@ -55,6 +55,27 @@ def test_folded_decode_exports_and_verifies(tmp_path):
     routed.set_routing("threshold")
     manifest = export_decode(routed, tmp_path, OnnxDecodeConfig(routing="threshold"), log=lambda s: None)
     assert manifest["verification"]["passed"] and manifest["verification"]["tokens_equal"]
+    n = routed.plan.n_sink
+    assert manifest["cache"]["sink_slots"] == {"past.0.key": n, "past.0.value": n}  # layer 0's attention
+
+
+def test_dense_decode_file_of_a_folded_model_is_the_base_model(tmp_path):
+    """The dense file (the baseline of decode speed) is the base model's step, folds undone:
+    every layer's cache grows, and ONNX Runtime generates the base model's greedy tokens."""
+    from irc.exporters.onnx_decode import OnnxDecodeConfig, OrtDecoder, export_decode
+    from irc.generation import GenerationConfig, generate
+
+    loaded, routed = tiny_routed("llama")
+    routed.fold(FOLDS)
+    routed.set_routing("dense")
+    manifest = export_decode(routed, tmp_path, OnnxDecodeConfig(routing="dense"), log=lambda s: None)
+    assert manifest["verification"]["passed"] and manifest["cache"]["sink_slots"] == {}
+    ids = torch.randint(3, 300, (1, 7), generator=torch.Generator().manual_seed(2))
+    got = generate(OrtDecoder(tmp_path), ids, config=GenerationConfig(max_new_tokens=8, stop_at_eos=False))
+    with torch.no_grad():
+        hf = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                   eos_token_id=None, pad_token_id=2)[0, 7:].tolist()
+    assert got.tokens[0] == hf
 
 
 def test_lora_model_exports_prefill_and_decode(tmp_path):

@@ -5,7 +5,9 @@
     longer ones, and chunked prompts whose sinks arrive after a non-empty past);
     a forecast-folded attention unit keeps its sink slots only in the cache (no
     keys or values for the other tokens: tests/generation/test_compact_cache.py);
-    a model folded after its decoder was built decodes folded.
+    a model folded after its decoder was built decodes folded;
+    the dense baseline of a folded model (``dense_decoder``) is the base model, not the
+    routed graph in dense mode (whose forecast-folded units still forecast).
 """
 
 import pytest
@@ -13,7 +15,7 @@ import torch
 from routed_helpers import tiny_routed
 
 from irc.generation import GenerationConfig, generate, left_pad
-from irc.generation.decoder import decoder_for
+from irc.generation.decoder import decoder_for, dense_decoder
 from irc.nn.folded_unit import FoldedUnit
 from irc.plan import RoutingPlan
 
@@ -97,3 +99,30 @@ def test_folding_after_the_decoder_was_built():
         want = routed(ids)
         got, _ = _decode(decoder, ids, (4,))
     assert (got - want).abs().max() <= ROUTED_EQUAL
+
+
+@pytest.mark.parametrize("kv_cache", ["static", "copy"])
+def test_dense_decoder_of_a_folded_model_is_the_base_model(kv_cache):
+    loaded, routed = tiny_routed("llama", RoutingPlan(lff_rank=16, n_sink=4))
+    routed.fold(FOLDS)
+    routed.set_routing("dense")
+    ids = _ids(9, seed=5)
+    gen = GenerationConfig(max_new_tokens=10, stop_at_eos=False, kv_cache=kv_cache)
+    dense = dense_decoder(routed)
+    got = generate(dense, ids, config=gen)
+    with torch.no_grad():
+        hf = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                   eos_token_id=None, pad_token_id=2)[0, 9:].tolist()
+        logits, _ = dense.step(ids, torch.ones_like(ids), dense.empty_cache(1))
+        base = loaded.model(ids).logits
+    assert got.tokens[0] == hf
+    assert (logits - base).abs().max() <= ROUTED_EQUAL
+    assert dense.cache_slots() == [None] * 4 and not dense.units and got.execute_fraction is None
+    # the routed graph in dense mode keeps its folds: layer 0's cache holds the sink slots only,
+    # and its forecast-folded units change the logits (so it is no dense baseline)
+    folded = decoder_for(routed)
+    assert folded.cache_slots()[:2] == [4, 4]
+    with torch.no_grad():
+        mine, _ = folded.step(ids, torch.ones_like(ids), folded.empty_cache(1))
+    assert (mine - base).abs().max() > 1e-3
+    assert dense_decoder(routed) is dense  # built once per routed model
