@@ -6,7 +6,8 @@ sequence axes) with every routed unit on its traceable path
 row, so every shape is a function of the input shape (what engines want);
 ``threshold`` routing (the calibrated per-token decision, the one the model was
 trained for) keeps data-dependent token counts (``NonZero``, one ``Kmax`` per
-attention unit). ``dense`` exports the base model's graph, for comparisons.
+attention unit). ``dense`` exports the base model's graph (``irc.capture``), for
+comparisons: not the routed graph in dense mode, which keeps a folded model's folds.
 ``torch.onnx.export(dynamo=True)`` then lowers it, the irc ops through their
 ONNX lowerings: ``portable``, standard ops (``Gather`` / ``ScatterND``);
 ``trt``, custom-domain ``TokenGather`` / ``TokenScatter`` plugin nodes
@@ -151,11 +152,13 @@ def export_onnx(routed, out: str | Path, config: OnnxExportConfig = OnnxExportCo
         max_seq = min(max_seq, TRT_MAX_TOPK)
     try:
         start = time.perf_counter()
+        # dense: the base model's graph; a folded unit is compile-time, the dense mode leaves it folded
+        graph = _base_graph(routed) if config.routing == "dense" else routed.gm
         ids, mask = sample_inputs(routed.arch.vocab)[1]
         batch, seq = Dim("batch", min=1, max=config.max_batch), Dim("seq", min=1, max=max_seq)
-        with torch.no_grad(), merged_lora(routed.gm):  # each LoRA-adapted weight as one initializer
+        with torch.no_grad(), merged_lora(graph):  # each LoRA-adapted weight as one initializer
             ep = torch.export.export(
-                _Logits(routed.gm), (ids, mask),
+                _Logits(graph), (ids, mask),
                 dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
                 strict=False, prefer_deferred_runtime_asserts_over_guards=True,
             )
@@ -171,7 +174,7 @@ def export_onnx(routed, out: str | Path, config: OnnxExportConfig = OnnxExportCo
             program.save(str(staged), external_data=True)
             _name_axes(staged)
             lint = _lint(staged, config, max_seq)
-            verification = verify(routed, staged, config)
+            verification = verify(routed, staged, config, reference=None if graph is routed.gm else graph)
             if not verification["passed"]:
                 raise UserError(
                     f"ONNX Runtime does not match PyTorch: max abs diff {verification['max_abs_diff']:.3g} "
@@ -227,7 +230,15 @@ def _lint(path: Path, config: OnnxExportConfig, max_seq: int) -> dict | None:
     return {"passed": True, "max_seq": max_seq}
 
 
-def verify(routed, path: Path, config: OnnxExportConfig) -> dict:
+def _base_graph(routed) -> torch.fx.GraphModule:
+    """The base model's captured graph, ``(input_ids, attention_mask) -> logits``."""
+    from irc.capture import capture
+
+    return capture(routed.base.model).gm
+
+
+def verify(routed, path: Path, config: OnnxExportConfig, *, reference=None) -> dict:
+    """ONNX Runtime against ``reference(ids, mask)`` (default: ``routed``) on the sample inputs."""
     import onnxruntime as ort
 
     from irc.exporters.onnx_contrib import inference_session
@@ -243,7 +254,7 @@ def verify(routed, path: Path, config: OnnxExportConfig) -> dict:
     for ids, mask in sample_inputs(routed.arch.vocab, seed=1):
         got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
         with torch.no_grad():
-            want = routed(ids, mask).float().numpy()
+            want = (reference or routed)(ids, mask).float().numpy()
         real = mask.bool().numpy()
         diff = float(np.abs(got.astype(np.float32) - want)[real].max())
         same = int((got.argmax(-1) == want.argmax(-1))[real].sum())

@@ -72,13 +72,16 @@ class RowsHint:
     real: torch.Tensor  # [B, 1] bool: the row's new token is real (not padding)
     real_before: torch.Tensor  # [B, 1]: real tokens before it (a sink iff fewer than n_sink)
     n_real: int  # real new tokens, sum(real)
+    fewest_before: int  # the least real_before of a row whose new token is real (no new sink iff ≥ n_sink)
 
     @staticmethod
     def of(attention_mask: torch.Tensor) -> RowsHint:
         row = attention_mask != 0  # [B, P + 1]
         real = row[:, -1:]
-        return RowsHint(mask_len=row.shape[1], real=real, real_before=row[:, :-1].sum(dim=1, keepdim=True),
-                        n_real=int(real.sum()))
+        before = row[:, :-1].sum(dim=1, keepdim=True)
+        n_real = int(real.sum())
+        fewest = int(before[real].min()) if n_real else row.shape[1]
+        return RowsHint(mask_len=row.shape[1], real=real, real_before=before, n_real=n_real, fewest_before=fewest)
 
     def sinks(self, n_sink: int) -> torch.Tensor:
         """``[B, 1]``: the new token is one of its row's first ``n_sink`` real tokens (``sink_mask``)."""

@@ -47,7 +47,7 @@ import torch
 from torch.fx import GraphModule
 
 from irc.generation.static_cache import kv_append
-from irc.nn.cached_unit import StepHint
+from irc.nn.cached_unit import RowsHint, StepHint
 from irc.nn.decode_branches import folded_step
 from irc.nn.forecaster import Forecaster
 from irc.nn.routing_state import RoutingState
@@ -107,6 +107,9 @@ class FoldedUnit(RoutingState):
         hint = self._hint(attention_mask, T)
         if hint is not None:  # one new token at batch 1, in eager decoding: no mask work at all
             return self._one_token(a, extras, hint)
+        rows = self._rows_hint(attention_mask, T)
+        if rows is not None:  # one new token in each of B rows, none a sink: no mask work either
+            return self._one_token_rows(a, extras, rows)
         P = attention_mask.shape[1] - T  # past tokens (0 in prefill graphs)
         if self.how == "plain":
             if self._counting():
@@ -134,6 +137,16 @@ class FoldedUnit(RoutingState):
         if executed:
             return self.body(*subset_args(self.body_roles, a, extras))
         out = self._forecast(a, None) if hint.real else torch.zeros_like(a)
+        return self._with_cache(out, self._cache_without_sinks(extras, hint.mask_len, 1))
+
+    def _one_token_rows(self, a, extras, hint: RowsHint):
+        """A step of one new token in each of B rows, none of them a sink (``_rows_hint``)."""
+        if self.record:
+            self.executed += hint.n_real if self.how == "plain" else 0
+            self.tokens += hint.n_real
+        if self.how == "plain":
+            return self.body(*subset_args(self.body_roles, a, extras))
+        out = self._forecast(a, None if hint.n_real == a.shape[0] else hint.real)
         return self._with_cache(out, self._cache_without_sinks(extras, hint.mask_len, 1))
 
     # --- forecast -----------------------------------------------------------
@@ -248,8 +261,8 @@ class FoldedUnit(RoutingState):
         """The forecast where ``where [B, T]`` (every token if None), 0 elsewhere."""
         if self.forecaster is None:  # a skip model: approximated tokens take the identity
             return torch.zeros_like(a)
-        one_row = a.shape[0] * a.shape[1] == 1 and self._eager()  # a batch-1 decode step
-        f = self.forecaster.step(a) if one_row else self.forecaster(a)
+        one_token = a.shape[1] == 1 and self._eager()  # a decode step's few rows (Forecaster.step)
+        f = self.forecaster.step(a) if one_token else self.forecaster(a)
         return f if where is None else f * where.unsqueeze(-1).to(a.dtype)
 
     # --- helpers ------------------------------------------------------------
@@ -261,6 +274,14 @@ class FoldedUnit(RoutingState):
             return None
         if self.compact and self.how == "forecast" and hint.real and hint.real_before < self.n_sink:
             return None  # a new sink with a sink-slot cache: the body would read the past as full length
+        return hint
+
+    def _rows_hint(self, attention_mask, T) -> RowsHint | None:
+        """The decoder's ``RowsHint`` when it belongs to this call and the step has no new sink."""
+        hint = self.step_hint
+        if (not isinstance(hint, RowsHint) or T != 1 or tuple(attention_mask.shape) != (hint.real.shape[0], hint.mask_len)
+                or hint.fewest_before < self.n_sink or not self._eager()):
+            return None
         return hint
 
     def _eager(self) -> bool:

@@ -73,12 +73,24 @@ def test_export_verify_and_run(family, routing, profile, tmp_path):
     assert 0 < min(fractions) and max(fractions) < 1 or routing == "capacity"  # routing really splits tokens
 
 
-def test_dense_export_equals_the_base_model(tmp_path):
-    loaded, routed = tiny_routed("llama")
+@pytest.mark.parametrize("folded", [False, True])
+def test_dense_export_equals_the_base_model(folded, tmp_path):
+    """Folded too: a forecast-folded unit ignores the dense mode, so the dense file is the base graph."""
+    from irc.exporters.onnx_contrib import inference_session
+
+    loaded, routed = tiny_routed("llama", RoutingPlan(lff_rank=16, n_sink=2))
+    if folded:
+        routed.fold({"layer0_attn": "forecast", "layer1_mlp": "forecast"})
     manifest = export_onnx(routed, tmp_path / "dense.onnx", OnnxExportConfig(routing="dense"), log=lambda s: None)
     assert manifest["routing"] == "dense" and manifest["verification"]["max_abs_diff"] < 1e-4
     ops = {n.op_type for n in onnx.load(str(tmp_path / "dense.onnx"), load_external_data=False).graph.node}
     assert "ScatterND" not in ops and "TopK" not in ops
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(4))
+    got = inference_session(tmp_path / "dense.onnx").run(None, {"input_ids": ids.numpy(),
+                                                                "attention_mask": np.ones((2, 9), np.int64)})[0]
+    with torch.no_grad():
+        want = loaded.model(ids).logits.numpy()
+    assert np.abs(got - want).max() < 1e-4
 
 
 def test_a_broken_lowering_fails_and_leaves_no_file(tmp_path, monkeypatch):
