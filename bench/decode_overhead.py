@@ -4,14 +4,16 @@ After a --prompt-len prefill of --batch rows, times --steps greedy decode steps 
 routed model's decode graph (torch, --dtype) in four settings that isolate the routing
 cost from the compute it saves:
 
-- dense:      every unit runs, no router (the baseline);
+- dense:      the base model's decode step, no router and no folded unit (the baseline,
+              ``irc.generation.decoder.dense_decoder``; files before 2026-12-06 ran the routed
+              graph in dense mode, where a folded model's forecast-folded units still forecast);
 - threshold:  the calibrated decisions (what ``irc generate`` runs);
 - all-exec:   thresholds at −∞: routers and decisions run, every unit executes
               (pure routing overhead);
 - none-exec:  thresholds at +∞: every unit is approximated (the most routing can
               save, forecasts included);
-- unrouted:   the base model's decode graph before the routing pass (what `dense`
-              costs without the routed units' module calls);
+- unrouted:   the base model's decode graph as captured, before any pass (dense without
+              the static cache's in-place writes and grouped-query attention);
 - threshold (F.linear), all-exec (F.linear): as threshold and all-exec, with the
               routers' and forecasters' products through ``F.linear`` instead of
               ``irc.nn.small_linear`` (oneDNN's per-call setup in bf16: the ablation).
@@ -51,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import irc  # noqa: E402
-from irc.generation.decoder import decoder_for  # noqa: E402
+from irc.generation.decoder import decoder_for, dense_decoder  # noqa: E402
 
 SETTINGS = {"dense": ("dense", None), "threshold": ("threshold", None),
             "all-exec": ("threshold", -1e9), "none-exec": ("threshold", 1e9)}
@@ -180,12 +182,13 @@ def main() -> int:
             for name, decoder in decoders.items():
                 times[name].append(ort_step_ms(decoder, ids, args.steps))
     else:
-        decoder = decoder_for(routed)
+        decoder, dense = decoder_for(routed), dense_decoder(routed)
         unrouted = capture_decode(routed.base.model).gm
         times = {name: [] for name in (*SETTINGS, "unrouted", *ABLATED)}
         for _ in range(args.repeats):  # settings interleaved, so noise hits all alike
             for name, (mode, threshold) in SETTINGS.items():
-                times[name].append(step_ms(routed, decoder, ids, mode, threshold, args.steps))
+                graph = dense if name == "dense" else decoder
+                times[name].append(step_ms(routed, graph, ids, mode, threshold, args.steps))
             times["unrouted"].append(step_ms(routed, decoder, ids, "dense", None, args.steps, graph=unrouted))
             with plain_linear():
                 for name, (mode, threshold) in ABLATED.items():
