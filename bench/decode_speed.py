@@ -66,6 +66,11 @@ def prompts(tokenizer, batch: int, length: int) -> tuple[torch.Tensor, torch.Ten
     return ids, torch.ones_like(ids)
 
 
+DENSE_NOTE = ("dense: the base model's decode step through the same machinery (irc.generation.decoder.dense_decoder; "
+              "ONNX Runtime: the dense decode file, exported from it), no router and no folded unit. Files written "
+              "before 2026-12-06 took the routed graph in dense mode, whose forecast-folded units still forecast.")
+
+
 def run_once(model, ids, mask, new_tokens: int, kv_cache: str) -> dict:
     result = generate(model, ids, mask, GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False,
                                                          kv_cache=kv_cache))
@@ -229,7 +234,8 @@ def main() -> int:
     attention = "over the cache's own key/value heads (grouped query rows, OnnxDecodeConfig.grouped_attention)" \
         if args.ort_attention == "grouped" else "the exporter's SDPA over keys and values expanded to every query " \
         "head each step (grouped_attention=False)"
-    lines += ["", "speed-up: routed median / dense median; paired: the median over repeats of routed / dense "
+    lines += ["", DENSE_NOTE,
+              "", "speed-up: routed median / dense median; paired: the median over repeats of routed / dense "
               "in the same repeat (the two run back to back, so drift of the machine between repeats cancels).",
               "", "ONNX Runtime rows: the threshold file routes behind ONNX If nodes (each unit's skipped branch "
               f"does not run); the file's decisions output gives the execute fraction. Attention: {attention}. "
