@@ -62,6 +62,13 @@ from irc.passes.static_kv_cache import restore_cat, static_kv_cache
 _SETTINGS = ("mode", "sparse", "tau", "capacity", "record")
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _DENSE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# the last passes of every decode graph, routed or dense (the same cache machinery on both sides)
+_CACHE_PASSES = [
+    # the cache appends write in place when the past is a static buffer's view (else: cat, as captured)
+    ("static_kv_cache", static_kv_cache),
+    # grouped-query attention reads the cache's own heads, no n_rep-fold copy per step (exports too)
+    ("grouped_kv_attention", grouped_kv_attention),
+]
 
 
 @dataclass
@@ -167,8 +174,7 @@ def dense_decoder(routed) -> Decoder:
     if decoder is None:
         start = time.perf_counter()
         gm = capture_decode(routed.base.model).gm
-        run_passes(gm, [("drop_noop_conversions", drop_noop_conversions), ("static_kv_cache", static_kv_cache),
-                        ("grouped_kv_attention", grouped_kv_attention)])
+        run_passes(gm, [("drop_noop_conversions", drop_noop_conversions), *_CACHE_PASSES])
         decoder = Decoder(gm=gm, routed=routed, capture_seconds=time.perf_counter() - start)
         _DENSE[routed.gm] = decoder
     return decoder
@@ -191,13 +197,7 @@ def build_decoder(routed) -> Decoder:
             # forecast-folded attention: a KV cache of the sink slots only, not of every token
             ("compact_sink_caches", compact_sink_caches),
         ]
-    passes += [
-        # the cache appends write in place when the past is a static buffer's view (else: cat, as captured)
-        ("static_kv_cache", static_kv_cache),
-        # grouped-query attention reads the cache's own heads, no n_rep-fold copy per step (exports too)
-        ("grouped_kv_attention", grouped_kv_attention),
-    ]
-    run_passes(gm, passes)
+    run_passes(gm, passes + _CACHE_PASSES)
     _tie(gm, routed)
     return Decoder(gm=gm, routed=routed, capture_seconds=time.perf_counter() - start)
 
