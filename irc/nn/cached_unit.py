@@ -24,8 +24,10 @@ decoder hands every unit a ``StepHint`` (is the new token real, how many real
 tokens precede it), so a unit's routing work is its router, one margin and one
 Python branch (``_one_token``): the decode step's cost is dominated by the
 number of ops, not their size. A one-token step of several rows where some rows
-execute runs the unit on every row and blends: a unit's weights are read once
-whether it runs for one row or for B, so gathers would cost more than they save.
+execute (``_some_rows``): an MLP runs on every row and blends (its weights are read
+once whether it runs for one row or for B, so gathers would cost more than they
+save); attention runs its query part on the executing rows only, since attending
+over the cache costs per row.
 For such steps the decoder hands every unit a ``RowsHint`` (which rows' new tokens
 are real, which are sinks), so a unit's routing work is its router, the decision,
 one read of the B decisions and the branch (``_one_token_rows``). Both fast paths run
@@ -49,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from irc.nn.decode_branches import routed_step
+from irc.nn.decode_branches import gathered_rows, routed_step
 from irc.nn.routed_unit import RoutedUnit
 from irc.nn.tokens import row_layout, sink_mask
 from irc.ops import token_gather
@@ -134,13 +136,8 @@ class CachedRoutedUnit(RoutedUnit):
             return self._with_cache(torch.where(execute.unsqueeze(-1), u, approx), cache)
         if keep is None and bool(execute.all()):  # nothing to skip: the unit as captured
             return self.body(*self._args(self.body_roles, a, extras))
-        if T == 1 and keep is None and bool(execute.any()):
-            # a decode step of several rows: the unit reads all its weights for one row or for B,
-            # so gathering the executing rows saves less than the gathers cost; run every row, blend
-            out = self.body(*self._args(self.body_roles, a, extras))
-            u, cache = (out[0], out[1:]) if self.kind == "attn" else (out, ())
-            approx = self._approximate(a, pad & ~execute)  # [B, 1, D]
-            return self._with_cache(torch.where(execute.unsqueeze(-1), u, approx), cache)
+        if T == 1 and keep is None and bool(execute.any()):  # a decode step of several rows, some executing
+            return self._some_rows(a, extras, execute, self._approximate(a, pad & ~execute))
         if self.kind == "mlp":
             if not bool(execute.any()):
                 return self._approximate(a, pad)
@@ -188,11 +185,21 @@ class CachedRoutedUnit(RoutedUnit):
                 return forecast
             k, v, *cache = self.kv(*self._args(self.kv_roles, a, extras))  # every row's keys and values
             return self._with_cache(forecast, cache)
-        # some rows execute: run every row (the weights are read once either way) and blend
-        out = self.body(*self._args(self.body_roles, a, extras))
-        u, cache = (out[0], out[1:]) if self.kind == "attn" else (out, ())
-        approx = self._forecast_rows(a, hint.real & ~execute)  # [B, 1, D]
-        return self._with_cache(torch.where(execute.unsqueeze(-1), u, approx), cache)
+        return self._some_rows(a, extras, execute, self._forecast_rows(a, hint.real & ~execute))
+
+    def _some_rows(self, a, extras, execute, approx):
+        """A one-token step of B rows where some rows execute (``execute [B, 1]``), the forecast
+        ``approx [B, 1, D]`` elsewhere. An MLP runs every row and blends: its weights are read once
+        for one row or for B, so gathering the executing rows would cost more than it saves.
+        Attention runs its kv part on every row (each new token writes its keys and values) and its
+        query part on the executing rows only (``gathered_rows``): the query's attention over the
+        cache costs per row, unlike its weights, and outweighs the gathers (``bench/decode_speed.py``,
+        B = 8 on SmolLM2-135M: a 100-ms step 6 ms faster)."""
+        if self.kind == "mlp":
+            u = self.body(*self._args(self.body_roles, a, extras))
+            return torch.where(execute.unsqueeze(-1), u, approx)
+        k, v, *cache = self.kv(*self._args(self.kv_roles, a, extras))  # every row's keys and values
+        return self._with_cache(gathered_rows(self, a, extras, {"k": k, "v": v}, execute, approx), cache)
 
     def _forecast_rows(self, a, where):
         """``_approximate`` for a decode step's few rows (``Forecaster.step``)."""

@@ -81,7 +81,7 @@ def routed_step(unit, a: torch.Tensor, extras: tuple, execute: torch.Tensor, pad
         approx = unit._approximate(a, pad & ~execute)  # [B, T, D], 0 on executed tokens and padding
         if unit.kind == "mlp":
             return _gathered_tokens(unit, a, extras, execute, approx)
-        return _gathered_rows(unit, a, extras, named, execute, approx)
+        return gathered_rows(unit, a, extras, named, execute, approx)
 
     def some(a, execute, pad, *rest):
         return torch.cond(execute.all(), every, mixed, (a, execute, pad, *rest))
@@ -165,7 +165,7 @@ def _gathered_tokens(unit, a, extras, execute, approx):
     return token_scatter(approx.reshape(B * T, D), u.reshape(-1, D).to(approx.dtype), rows).view(B, T, D)
 
 
-def _gathered_rows(unit, a, extras, named, execute, approx):
+def gathered_rows(unit, a, extras, named, execute, approx):
     """Attention: the query part on the R rows holding an executed token; blended within them."""
     B, T, D = a.shape
     rows = execute.any(dim=1).to(torch.float32).nonzero().squeeze(1)  # [R]
