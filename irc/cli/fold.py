@@ -19,6 +19,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("model", help="routed model directory (from irc convert)")
     p.add_argument("-o", "--out", required=True, help="output directory (the folded model)")
     p.add_argument("--epsilon", type=float, default=0.05, help="fold threshold ε in [0, 0.5) (default 0.05)")
+    p.add_argument("--min-saving", type=float, default=0.0, metavar="S",
+                   help="also fold plain every unit whose route saves less than S of the dense model's FLOPs "
+                   "per token at its held-in execute fraction (e.g. 0.002: routes that cost a decode step "
+                   "more in router and branch than they skip; default 0: off)")
     p.add_argument("--calib-data", default="wiki:train",
                    help="held-in corpus (default wiki:train; its last 4 windows of --seq-len)")
     p.add_argument("--seq-len", type=int, default=1024, help="held-in window length (default 1024)")
@@ -37,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.epsilon < 0.5:
         raise UserError(f"--epsilon must be in [0, 0.5), got {args.epsilon}")
+    if not 0.0 <= args.min_saving < 1.0:
+        raise UserError(f"--min-saving must be in [0, 1) (a share of the FLOPs per token), got {args.min_saving}")
     if not is_routed_dir(args.model):
         raise UserError(f"{args.model} is not a routed model directory (no irc.json); irc fold works on the "
                         "output of irc convert")
@@ -67,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if sparsity is not None or flops_saved is not None:
         budget = lambda r: routed_budget(r, sparsity=None if flops_saved is not None else sparsity,  # noqa: E731
                                          flops_saved=flops_saved, seq_len=args.seq_len)
-    record = fold_routed(routed, calib, args.epsilon, budget=budget, show_progress=not args.json)
+    record = fold_routed(routed, calib, args.epsilon, min_saving=args.min_saving, budget=budget,
+                         show_progress=not args.json)
     routed.records = {**routed.records, "fold": record}
     routed.save(out, overwrite=args.overwrite)
     how = {h: sum(1 for v in record["folded"].values() if v == h) for h in ("forecast", "plain")}
@@ -78,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
          f"{record['routers_before']} units near-static (≤ 5% or ≥ 95% executed)")
     info(f"folded      {len(record['folded'])} units at ε {args.epsilon}: {how['forecast']} forecaster-only, "
          f"{how['plain']} plain; {record['routers_after']} keep routers")
+    if args.min_saving > 0:
+        info(f"min saving  {len(record['folded_for_saving'])} of them plain for saving under "
+             f"{100 * args.min_saving:.2f}% of the FLOPs per token ({100 * record['saving_given_up']:.2f}% given up "
+             "before recalibration)")
     if "recalibration" in record:
         rc = record["recalibration"]
         info(f"recalibrated {rc['budget']} budget: FLOPs saved {100 * rc['achieved_flops_saved']:.1f}% on held-in "

@@ -108,6 +108,15 @@ def affine_cost(arch: Architecture, plan: RoutingPlan, kind: str, seq_len: int) 
     return zero, unit_flops(arch, plan, kind, seq_len, 1.0).routed - zero
 
 
+def route_saving(arch: Architecture, plan: RoutingPlan, kind: str, seq_len: int, execute: float) -> float:
+    """The share of the dense model's FLOPs per token that one routed unit's route saves at
+    execute fraction ``execute``, against running the unit on every token (no router, no
+    forecaster): what folding it ``plain`` gives up. Negative when the router costs more than
+    the skipped tokens save."""
+    fixed, swing = affine_cost(arch, plan, kind, seq_len)
+    return (arch.unit_flops(kind, seq_len) - fixed - execute * swing) / arch.dense_flops_per_token(seq_len)
+
+
 def folded_execute(how: str, n_sink: int, seq_len: int) -> float:
     """Execute fraction of a folded unit: every token (plain) or the sinks only (forecast)."""
     return 1.0 if how == "plain" else min(n_sink, seq_len) / seq_len

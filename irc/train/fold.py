@@ -27,23 +27,38 @@ def held_in_fractions(routed, windows: torch.Tensor) -> dict[str, float]:
     return {n: (u.executed - sinks) / max(u.tokens - sinks, 1) for n, u in routed.units.items()}
 
 
+def route_savings(routed, fractions: dict[str, float], seq_len: int) -> dict[str, float]:
+    """Per dynamic unit, the share of the dense FLOPs per token its route saves at its fraction."""
+    from irc.eval.flops import route_saving
+
+    return {n: route_saving(routed.arch, routed.plan, u.kind, seq_len, fractions[n]) for n, u in routed.units.items()}
+
+
 def near_static(fractions: dict[str, float], epsilon: float = 0.05) -> int:
     """How many units execute ≤ ε or ≥ 1 − ε of the (non-sink) tokens."""
     return sum(1 for f in fractions.values() if f <= epsilon or f >= 1 - epsilon)
 
 
-def fold_routed(routed, windows: torch.Tensor, epsilon: float, *, budget=None, show_progress: bool = True) -> dict:
-    """Fold ``routed`` in place at ``epsilon``; with ``budget`` (a callable of the model giving an
-    ``irc.eval.flops.Budget``), recalibrate the remaining routers to it. Returns the record."""
+def fold_routed(routed, windows: torch.Tensor, epsilon: float, *, min_saving: float = 0.0, budget=None,
+                show_progress: bool = True) -> dict:
+    """Fold ``routed`` in place at ``epsilon`` (and, with ``min_saving`` > 0, every route saving less
+    than that share of the dense FLOPs per token: ``choose_folds``); with ``budget`` (a callable of
+    the model giving an ``irc.eval.flops.Budget``), recalibrate the remaining routers to it.
+    Returns the record."""
     from irc.eval.calibrate import calibrate_thresholds
     from irc.eval.sparsity import achieved_sparsity
     from irc.passes.fold_static_routes import choose_folds
     from irc.train.distributed import RANKS
 
     fractions = held_in_fractions(routed, windows)
-    folds = choose_folds(fractions, epsilon)
+    savings = route_savings(routed, fractions, windows.shape[1])
+    folds = choose_folds(fractions, epsilon, savings=savings, min_saving=min_saving)
     record = {"epsilon": epsilon, "held_in_execute": {n: round(f, 5) for n, f in fractions.items()},
               "near_static": near_static(fractions), "folded": folds, "routers_before": len(routed.units)}
+    if min_saving > 0:
+        record["min_saving"] = min_saving
+        record["folded_for_saving"] = sorted(n for n in folds if epsilon < fractions[n] < 1 - epsilon)
+        record["saving_given_up"] = round(sum(savings[n] for n in record["folded_for_saving"]), 6)
     if folds:
         routed.fold(folds)
     record["routers_after"] = len(routed.units)

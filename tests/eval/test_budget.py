@@ -8,6 +8,7 @@ from irc.eval.flops import (
     flops_budget,
     folded_unit_flops,
     model_flops,
+    route_saving,
     sparsity_budget,
 )
 from irc.models.arch import Architecture
@@ -97,3 +98,19 @@ def test_the_weighted_execute_fraction_sends_gradient_in_proportion_to_cost():
     e_bar, _ = routing_terms([_Unit(g, real) for g in gates])
     e_bar.backward()
     assert torch.allclose(gates[0].grad, gates[1].grad)
+
+
+@pytest.mark.parametrize("kind,execute", [("attn", 0.85), ("mlp", 0.4), ("mlp", 1.0)])
+def test_route_saving_is_what_folding_the_unit_plain_gives_up(kind, execute):
+    """Folding one unit plain (it runs on every token, no router, no forecaster) moves the model's
+    FLOPs saved by exactly that unit's route saving; at execute 1 the saving is minus its router."""
+    fractions = {name: 0.7 for name in DYNAMIC}
+    name = f"layer3_{kind}"
+    fractions[name] = execute
+    before = _saved(fractions)
+    after = _saved(fractions, folded={name: (kind, "plain")})
+    saving = route_saving(SMOL, PLAN, kind, 1024, execute)
+    assert before - after == pytest.approx(saving, rel=1e-9)
+    if execute == 1.0:
+        router = 2 * (576 * PLAN.router_width(576) + PLAN.router_width(576) * 2)
+        assert saving == pytest.approx(-router / SMOL.dense_flops_per_token(1024))

@@ -227,6 +227,18 @@ def test_choose_folds():
         choose_folds(fractions, 0.5)
 
 
+def test_choose_folds_folds_routes_that_save_too_little_plain():
+    fractions = {"a": 0.02, "b": 0.5, "c": 0.9, "d": 0.3, "e": None}
+    savings = {"a": 0.0001, "b": 0.004, "c": 0.0008, "d": 0.006, "e": 0.0}
+    # ε first (a forecasts, however little it saves), then the routes under the floor run every token
+    assert choose_folds(fractions, 0.05, savings=savings, min_saving=0.002) == {"a": "forecast", "c": "plain"}
+    assert choose_folds(fractions, 0.05, savings=savings, min_saving=0.005) == {"a": "forecast", "b": "plain",
+                                                                               "c": "plain"}
+    assert choose_folds(fractions, 0.05, savings=savings) == {"a": "forecast"}  # min_saving 0: off
+    with pytest.raises(ValueError, match="min_saving"):
+        choose_folds(fractions, 0.05, savings=savings, min_saving=1.0)
+
+
 def test_plan_folded_validates_and_round_trips():
     plan = RoutingPlan(folded={"layer1_mlp": "plain", "layer0_attn": "forecast"})
     assert plan.folded == (("layer0_attn", "forecast"), ("layer1_mlp", "plain"))  # graph order
