@@ -7,6 +7,9 @@ Rows, at FLOP budgets of 10, 20, 30 and 40% (``--budgets``):
   (it lands wherever its learned allocation puts it: attention is cheap per unit);
 - ``informed-flops``    — trained and calibrated for the FLOP budget (``--flops-saved``);
 - ``informed-folded``   — that model folded at ε = 0.05 (``irc fold``) and recalibrated;
+- ``informed-folded-decode`` (not in the default grid: ``--methods``) — folded as ``informed-folded``,
+  and every route saving under 0.2% of the FLOPs per token folded plain too (``irc fold
+  --min-saving 0.002``: routes that cost a decode step more than they skip), then recalibrated;
 - ``static-lff``        — whole units replaced by their forecasters, chosen greedily;
 - ``skip`` (SkipGPT), ``static`` (ShortGPT), ``mod`` (Mixture-of-Depths) at the budget;
 - ``informed-lora`` (not in the default grid: ``--methods``) — ``informed-flops`` followed by the
@@ -44,13 +47,15 @@ sys.path.insert(0, str(ROOT))
 
 BUDGETS = (0.10, 0.20, 0.30, 0.40)
 METHODS = ("informed-sparsity", "informed-flops", "informed-folded", "static-lff", "skip", "static", "mod")
-INFORMED = ("informed-sparsity", "informed-flops", "informed-folded", "informed-lora",
+INFORMED = ("informed-sparsity", "informed-flops", "informed-folded", "informed-folded-decode", "informed-lora",
             "informed-flops-r300", "informed-folded-r300", "informed-flops-gumbel", "informed-folded-gumbel")
 FOLD_EPSILON = 0.05
+DECODE_MIN_SAVING = 0.002  # informed-folded-decode: irc fold --min-saving
 STYLE = {  # method → (label, matplotlib format)
     "informed-sparsity": ("informed, unit sparsity (paper)", "o--"),
     "informed-flops": ("informed, FLOP budget", "o-"),
     "informed-folded": ("informed, FLOP budget, folded", "s-"),
+    "informed-folded-decode": ("informed, FLOP budget, folded for decoding (min saving 0.2%)", "D-"),
     "static-lff": ("static forecaster replacement", "^-"),
     "skip": ("skip (SkipGPT)", "v:"),
     "static": ("static (ShortGPT)", "d:"),
@@ -81,7 +86,9 @@ def write(out: Path, result: dict) -> None:
         f"Perplexity on the wiki held-out split (first {result['eval_tokens']:,} tokens, windows of 1024, bf16) "
         "against the FLOPs per token saved (routers and forecasters counted, at the execute fractions reached on "
         "that text). Each row is an `irc convert` (training on wiki:train, calibration on its last windows); "
-        "`informed-folded` is the `informed-flops` model of the same budget folded at ε = 0.05 and recalibrated. "
+        "`informed-folded` is the `informed-flops` model of the same budget folded at ε = 0.05 and recalibrated; "
+        "`informed-folded-decode` also folds plain every route that saves under 0.2% of the FLOPs per token "
+        "(`irc fold --min-saving 0.002`) before recalibrating. "
         "Near-static: units executing ≤ 5% or ≥ 95% of held-in non-sink tokens (of 60). ORT speedup: "
         "`irc bench --backend ort` at T = 1024 (measured alone on the machine).",
         "",
@@ -256,8 +263,9 @@ def _held_in(routed, make_windows):
     return make_windows(stream[len(stream) - 4 * 1024:], 1024, 4)
 
 
-def run_folded(budget: float, source: Path, out_dir: Path) -> dict:
-    """Fold the informed-flops model of this budget (no retraining) and evaluate it."""
+def run_folded(budget: float, source: Path, out_dir: Path, min_saving: float = 0.0) -> dict:
+    """Fold the informed-flops model of this budget (no retraining) and evaluate it; ``min_saving``:
+    also fold plain the routes saving less than that share of the FLOPs (``informed-folded-decode``)."""
     import irc
     from irc.data import load_corpus, token_stream
     from irc.data.windows import make_windows
@@ -267,7 +275,7 @@ def run_folded(budget: float, source: Path, out_dir: Path) -> dict:
     t = time.perf_counter()
     routed = irc.load(source)
     calib = _held_in(routed, make_windows)
-    record = fold_routed(routed, calib, FOLD_EPSILON,
+    record = fold_routed(routed, calib, FOLD_EPSILON, min_saving=min_saving,
                          budget=lambda r: routed_budget(r, flops_saved=budget, seq_len=1024))
     heldout = token_stream(load_corpus("wiki:heldout"), routed.tokenizer)
     ev = evaluate_routed(routed, heldout, seq_len=1024, max_tokens=20480)
@@ -275,7 +283,7 @@ def run_folded(budget: float, source: Path, out_dir: Path) -> dict:
                       "evaluation": {**routed.records.get("evaluation", {}), **{k: ev[k] for k in
                                      ("perplexity", "tokens", "sparsity", "flops_per_token")}}}
     routed.save(out_dir, overwrite=True)
-    return {"method": "informed-folded", "budget": budget, "preset": routed.records["training"]["config"]["preset"],
+    return {"method": "informed-folded-decode" if min_saving else "informed-folded", "budget": budget, "preset": routed.records["training"]["config"]["preset"],
             "perplexity": ev["perplexity"], "flops_saved": ev["flops_per_token"]["saved"],
             "unit_sparsity": ev["sparsity"]["overall"], "sparsity_by_kind": ev["sparsity"]["by_kind"],
             "routers": len(routed.units), "folded": len(record["folded"]), "near_static": record["near_static"],
@@ -348,12 +356,13 @@ def main() -> int:
                                         seq_len=1024, max_tokens=20480)
                 row = {"method": "dense", "budget": 0.0, "perplexity": r.perplexity, "flops_saved": 0.0,
                        "unit_sparsity": 0.0}
-            elif method == "informed-folded":
+            elif method in ("informed-folded", "informed-folded-decode"):
                 source = work / key("informed-flops", budget)
                 if not (source / "irc.json").is_file():
                     print(f"    skipped: needs {key('informed-flops', budget)} first", flush=True)
                     continue
-                row = run_folded(budget, source, work / k)
+                row = run_folded(budget, source, work / k,
+                                 min_saving=DECODE_MIN_SAVING if method == "informed-folded-decode" else 0.0)
             else:
                 # static-lff fits forecasters and trains nothing else: it gets the informed rows' data
                 # (forecaster windows, held-in windows), so the two differ only in routing

@@ -231,6 +231,9 @@ def test_06_fold_and_bench_outputs_are_checked_before_any_work(routed_dir, tmp_p
     a_file.write_text("")
     assert main(["fold", str(routed_dir), "-o", str(a_file / "folded")]) == 2
     one_line_error(capsys, "is a file, not a directory")
+    assert main(["fold", str(routed_dir), "-o", str(tmp_path / "folded"), "--min-saving", "1.5"]) == 2
+    one_line_error(capsys, "--min-saving must be in [0, 1)")
+    assert not (tmp_path / "folded").exists()
     assert main(["bench", str(routed_dir), "--seq-lens", "8", "--out", str(a_file / "b")]) == 2
     one_line_error(capsys, "--out", "is a file, not a directory")
 

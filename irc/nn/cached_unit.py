@@ -48,10 +48,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from irc.nn.decode_branches import gathered_rows, routed_step
+from irc.nn.margin import executes
 from irc.nn.routed_unit import RoutedUnit
 from irc.nn.tokens import row_layout, sink_mask
 from irc.ops import token_gather
@@ -152,10 +152,10 @@ class CachedRoutedUnit(RoutedUnit):
     def _one_token(self, x, extras, hint: StepHint):
         """Threshold routing of one real new token at batch 1: the decision is one Python bool."""
         a = self.norm(x)  # [1, 1, D]
-        exec_logit, approx_logit = self.router.logits(a).view(2).tolist()  # fp32 values, one op
-        # _decide's fp32 ops, (exec − approx) − θ, in numpy float32: the same IEEE roundings
-        margin = (np.float32(exec_logit) - np.float32(approx_logit)) - self._threshold_f32()
-        execute = hint.real_before < self.n_sink or bool(margin >= 0)
+        logits = self.router.logits(a)  # [1, 1, 2]
+        exec_logit, approx_logit = logits.view(2).tolist()
+        # _decide's margin ≥ 0 with its roundings, in Python floats (irc.nn.margin)
+        execute = hint.real_before < self.n_sink or executes(exec_logit, approx_logit, self._theta(), logits.dtype)
         if self.record:
             self.executed += int(execute)
             self.tokens += 1
@@ -207,13 +207,14 @@ class CachedRoutedUnit(RoutedUnit):
             return torch.zeros_like(a)
         return self.forecaster.step(a) * where.unsqueeze(-1).to(a.dtype)
 
-    def _threshold_f32(self) -> np.float32:
-        """θ as a numpy float32, re-read only when the buffer changed (calibration writes it in place)."""
+    def _theta(self) -> float:
+        """θ's fp32 value as a Python float, re-read only when the buffer changed (calibration writes
+        it in place)."""
         version = (id(self.threshold), self.threshold._version)
         if getattr(self, "_theta_version", None) != version:
-            self._theta = np.float32(self.threshold.item())
+            self._theta_value = float(self.threshold.float().item())
             self._theta_version = version
-        return self._theta
+        return self._theta_value
 
     def _cached_query(self, a, extras, execute, k, v, keep):
         B, T, D = a.shape

@@ -100,6 +100,7 @@ class ConvertConfig:
     lora_routing: str = "train"
     lora_distill: float = 0.0  # weight of KL to the dense base model in the LoRA loss
     fold_epsilon: float | None = DEFAULT_FOLD_EPSILON  # fold units executing ≤ ε or ≥ 1 − ε of held-in tokens; None: no folding
+    fold_min_saving: float = 0.0  # also fold plain the routes saving < this share of the FLOPs per token (choose_folds)
     static_score_windows: int = 2  # static-lff: held-in windows each unit's loss increase is measured on
     eval_seq_len: int = 1024
     eval_tokens: int = 20480
@@ -126,6 +127,8 @@ class ConvertConfig:
             raise UserError(f"--lora-distill must be in [0, 1], got {self.lora_distill}")
         if self.fold_epsilon is not None and not 0.0 <= self.fold_epsilon < 0.5:
             raise UserError(f"--fold-epsilon must be in [0, 0.5), got {self.fold_epsilon}")
+        if not 0.0 <= self.fold_min_saving < 1.0:
+            raise UserError(f"--fold-min-saving must be in [0, 1), got {self.fold_min_saving}")
 
     @classmethod
     def from_preset(cls, sparsity: float | None = None, preset: str = "quick", **overrides) -> ConvertConfig:
@@ -465,6 +468,7 @@ def _fold(job: Job) -> dict:
     c = job.config
     static = c.variant == "static-lff"  # its choice is already constant: fold everything, keep the thresholds
     record = fold_routed(job.routed, job.calib, 0.0 if static else c.fold_epsilon,
+                         min_saving=0.0 if static else c.fold_min_saving,
                          budget=None if static else (lambda routed: job.budget(job.calib.shape[1])),
                          show_progress=job.show_progress)
     job.plan = job.routed.plan
@@ -564,7 +568,8 @@ STAGES: list[Stage] = [
     Stage("calibrate", lambda c: c.variant in ("informed", "skip"), _calibrate, ("calibration",)),
     Stage("fold", lambda c: c.variant == "static-lff" or (c.fold_epsilon is not None and c.variant
                                                             in ("informed", "skip")),
-          _fold, ("fold",), restore=_restore_fold, settings=lambda c: {"fold_epsilon": c.fold_epsilon}),
+          _fold, ("fold",), restore=_restore_fold,
+          settings=lambda c: {"fold_epsilon": c.fold_epsilon, "fold_min_saving": c.fold_min_saving}),
     Stage("evaluate", lambda c: True, _evaluate, ("evaluation",),
           settings=lambda c: {k: getattr(c, k) for k in ("eval_data", "eval_seq_len", "eval_tokens", "evaluate_dense")}),
 ]
@@ -572,7 +577,7 @@ STAGES: list[Stage] = [
 # scoring, folding, evaluation). The stages before the first one whose settings changed keep
 # their checkpoints; that one and every later one run again. Anything else must match.
 LATE_SETTINGS = ("lora_steps", "lora_rank", "lora_lr", "lora_routing", "lora_distill", "static_score_windows",
-                 "fold_epsilon", "eval_data", "eval_seq_len", "eval_tokens", "evaluate_dense")
+                 "fold_epsilon", "fold_min_saving", "eval_data", "eval_seq_len", "eval_tokens", "evaluate_dense")
 
 
 def _put(records: dict, path: tuple[str, ...], value) -> None:

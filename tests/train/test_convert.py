@@ -188,6 +188,8 @@ def test_a_budget_is_required_and_single(tiny_corpus):
         _config(tiny_corpus, sparsity=0.2, flops_saved=0.2)
     with pytest.raises(UserError, match="static-lff chooses units by FLOPs"):
         _config(tiny_corpus, variant="static-lff")
+    with pytest.raises(UserError, match="--fold-min-saving must be in"):
+        _config(tiny_corpus, fold_min_saving=-0.01)
 
 
 def test_lora_reuses_the_router_windows_where_the_stream_runs_out():
