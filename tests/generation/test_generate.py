@@ -220,10 +220,15 @@ def test_rows_fast_path_equals_the_general_path(family, monkeypatch):
     ids = torch.cat([_prompt(T, seed=s) for s in range(B)])
     mask = torch.ones(B, T, dtype=torch.long)
     mask[2, :6] = 0  # row 2 starts with padding: its first real tokens are decoded as sinks
-    calls = []
+    calls, gathered = [], []
     real = CachedRoutedUnit._one_token_rows
     monkeypatch.setattr(CachedRoutedUnit, "_one_token_rows",
                         lambda self, *a: calls.append(1) or real(self, *a))
+    import irc.nn.cached_unit as cached_unit
+
+    real_gather = cached_unit.gathered_rows  # attention's query part on the executing rows only
+    monkeypatch.setattr(cached_unit, "gathered_rows",
+                        lambda unit, a, *rest: gathered.append(a.shape[0]) or real_gather(unit, a, *rest))
     results = []
     for fast in (True, False):
         decoder.reset_stats()
@@ -237,6 +242,7 @@ def test_rows_fast_path_equals_the_general_path(family, monkeypatch):
         results.append((torch.cat(steps, dim=1), decoder.execute_fractions()))
     (fast_logits, fast_fractions), (slow_logits, slow_fractions) = results
     assert calls, "the rows fast path never ran"
+    assert gathered, "no step ran attention on some of its rows"
     assert torch.equal(fast_logits, slow_logits)
     assert fast_fractions == slow_fractions
     assert any(0 < f < 1 for f in fast_fractions.values() if f is not None)
