@@ -211,3 +211,25 @@ def test_lora_reuses_the_router_windows_where_the_stream_runs_out():
     assert routers.shape == (5, 4)  # 20 wanted, 5 left after the forecaster and init windows
     assert lora.shape == (6, 4)
     assert torch.equal(lora, routers[torch.arange(6) % 5])
+
+
+def test_convert_folds_routes_under_the_min_saving(tiny_dirs, tiny_corpus, tmp_path):
+    """``--fold-min-saving``: after ε, the units whose route saves less than S are folded plain,
+    the others keep their routers (``route_saving`` at the held-in fractions the record keeps)."""
+    import irc
+    from irc.eval.flops import route_saving
+
+    out = tmp_path / "decode-fold"
+    S = 0.05
+    summary = convert(str(tiny_dirs["llama"]), out,
+                      _config(tiny_corpus, sparsity=None, flops_saved=0.2, fold_epsilon=0.05, fold_min_saving=S),
+                      show_progress=False, log=lambda s: None)
+    fold = summary["fold"]
+    assert fold["min_saving"] == S
+    routed = irc.load(out, dtype="fp32")
+    fractions = fold["held_in_execute"]  # measured on the held-in windows, of lff_seq_len (64) tokens
+    saving = {n: route_saving(routed.arch, routed.plan, n.rsplit("_", 1)[1], 64, f) for n, f in fractions.items()}
+    dynamic = [n for n, f in fractions.items() if 0.05 < f < 0.95]
+    assert sorted(fold["folded_for_saving"]) == sorted(n for n in dynamic if saving[n] < S)
+    assert all(fold["folded"][n] == "plain" for n in fold["folded_for_saving"])
+    assert set(routed.units) == {n for n in dynamic if saving[n] >= S}
