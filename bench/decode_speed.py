@@ -201,11 +201,11 @@ def main() -> int:
     if args.hf_reference:
         for dtype in dtypes:
             rows += hf_reference(models[0], dtype, args, command)
-    out = Path(args.out)
+    out = Path(args.out.removesuffix(".md").removesuffix(".json"))  # a name's own dots stay: ..._0.003
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.platform(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "models": models}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out.with_name(out.name + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         "# Decode speed: dense vs routed",
         "",
@@ -254,8 +254,8 @@ def main() -> int:
               "a decode step that only read weights would be 1 / (1 - saved) times faster.",
               "", "hf rows (--hf-reference): the base model through transformers (its forward over a "
               "DynamicCache, greedy, the same prompts), dense only: a reference for the dense columns."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.md')} and .json", file=sys.stderr)
+    out.with_name(out.name + ".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}.md and .json", file=sys.stderr)
     return 0
 
 
