@@ -156,10 +156,8 @@ def decoder_for(routed) -> Decoder:
     pending = {name: how for name, how in routed.plan.folded if name not in folded_modules(decoder.gm)}
     if pending:  # folded after the decoder was built
         restore_cat(decoder.gm)  # fold_static_routes reads a unit's cache appends as cat(past, new)
-        fold_static_routes(decoder.gm, pending)
-        compact_sink_caches(decoder.gm)
-        static_kv_cache(decoder.gm)
-        grouped_kv_attention(decoder.gm)
+        run_passes(decoder.gm, [("fold_static_routes", lambda g: fold_static_routes(g, pending)),
+                                ("compact_sink_caches", compact_sink_caches), *_CACHE_PASSES])
         _tie(decoder.gm, routed)
         decoder._units = None
     decoder.sync()

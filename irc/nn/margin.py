@@ -71,4 +71,4 @@ def _round_bf16(x32: float) -> float:
         return x32
     bits = _U32.unpack(_F32.pack(x32))[0]
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return _F32.unpack(_U32.pack(bits & 0xFFFFFFFF))[0]
+    return _F32.unpack(_U32.pack(bits))[0]

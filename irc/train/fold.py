@@ -51,7 +51,7 @@ def fold_routed(routed, windows: torch.Tensor, epsilon: float, *, min_saving: fl
     from irc.train.distributed import RANKS
 
     fractions = held_in_fractions(routed, windows)
-    savings = route_savings(routed, fractions, windows.shape[1])
+    savings = route_savings(routed, fractions, windows.shape[1]) if min_saving > 0 else None
     folds = choose_folds(fractions, epsilon, savings=savings, min_saving=min_saving)
     record = {"epsilon": epsilon, "held_in_execute": {n: round(f, 5) for n, f in fractions.items()},
               "near_static": near_static(fractions), "folded": folds, "routers_before": len(routed.units)}
