@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import irc  # noqa: E402
+from irc.benchmark.results import results_path  # noqa: E402
 from irc.generation.decoder import decoder_for, dense_decoder  # noqa: E402
 
 SETTINGS = {"dense": ("dense", None), "threshold": ("threshold", None),
@@ -200,7 +201,7 @@ def main() -> int:
     command = "python bench/decode_overhead.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(
+    results_path(out, ".json").write_text(json.dumps(
         {"command": command.strip(), "model": args.model, "backend": args.backend, "batch": args.batch,
          "dtype": args.dtype, "paired_vs_dense": paired,
          "prompt_len": args.prompt_len, "steps": args.steps,
@@ -219,7 +220,7 @@ def main() -> int:
               f"the most routing can save (dense − none-exec): {ms['dense'] - ms['none-exec']:.2f} ms. "
               "vs dense: dense median / setting median; paired: the median over repeats of dense / setting "
               "in the same repeat."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    results_path(out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import irc  # noqa: E402
+from irc.benchmark.results import results_path  # noqa: E402
 from irc.generation import GenerationConfig, generate  # noqa: E402
 from irc.generation.decoder import dense_decoder  # noqa: E402
 from irc.generation.stats import decode_flops, decode_kv_bytes  # noqa: E402
@@ -201,11 +202,11 @@ def main() -> int:
     if args.hf_reference:
         for dtype in dtypes:
             rows += hf_reference(models[0], dtype, args, command)
-    out = Path(args.out.removesuffix(".md").removesuffix(".json"))  # a name's own dots stay: ..._0.003
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    results_path(out, ".json").parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.platform(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "models": models}
-    out.with_name(out.name + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    results_path(out, ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         "# Decode speed: dense vs routed",
         "",
@@ -254,8 +255,8 @@ def main() -> int:
               "a decode step that only read weights would be 1 / (1 - saved) times faster.",
               "", "hf rows (--hf-reference): the base model through transformers (its forward over a "
               "DynamicCache, greedy, the same prompts), dense only: a reference for the dense columns."]
-    out.with_name(out.name + ".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}.md and .json", file=sys.stderr)
+    results_path(out, ".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {results_path(out, '.md')} and .json", file=sys.stderr)
     return 0
 
 

@@ -45,6 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from irc.benchmark.results import results_path  # noqa: E402
+
 BUDGETS = (0.10, 0.20, 0.30, 0.40)
 METHODS = ("informed-sparsity", "informed-flops", "informed-folded", "static-lff", "skip", "static", "mod")
 INFORMED = ("informed-sparsity", "informed-flops", "informed-folded", "informed-folded-decode", "informed-lora",
@@ -75,13 +77,13 @@ def key(method: str, budget: float) -> str:
 
 
 def write(out: Path, result: dict) -> None:
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    results_path(out, ".json").write_text(json.dumps(result, indent=2) + "\n")
     rows = result["rows"]
     dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
     lines = [
         "# The quality–compute frontier (SmolLM2-135M)",
         "",
-        f"![perplexity against FLOPs saved]({out.with_suffix('.png').name})",
+        f"![perplexity against FLOPs saved]({results_path(out, '.png').name})",
         "",
         f"Perplexity on the wiki held-out split (first {result['eval_tokens']:,} tokens, windows of 1024, bf16) "
         "against the FLOPs per token saved (routers and forecasters counted, at the execute fractions reached on "
@@ -115,8 +117,8 @@ def write(out: Path, result: dict) -> None:
                                                   for r in rows if r.get("note")]
     if notes:
         lines += ["", "Notes:", "", *[f"- {n}" for n in notes]]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot(out.with_suffix(".png"), rows, dense)
+    results_path(out, ".md").write_text("\n".join(lines) + "\n")
+    plot(results_path(out, ".png"), rows, dense)
 
 
 def _without_lora_cell(r: dict) -> str:
@@ -324,8 +326,8 @@ def main() -> int:
     command = ("python bench/frontier.py " + " ".join(sys.argv[1:])).strip()
     result = {"command": command, "eval_tokens": 20480, "rows": [], "complete": False, "notes": [],
               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"}
-    if args.resume and out.with_suffix(".json").is_file():
-        previous = json.loads(out.with_suffix(".json").read_text())
+    if args.resume and results_path(out, ".json").is_file():
+        previous = json.loads(results_path(out, ".json").read_text())
         result["rows"], result["notes"] = previous["rows"], previous.get("notes", [])
         earlier = previous.get("commands", [previous.get("command")])
         result["commands"] = earlier + ([command] if command not in earlier else [])
@@ -384,7 +386,7 @@ def main() -> int:
     all_keys = {key(m, b) for m in METHODS for b in BUDGETS} | {key("dense", 0.0)}
     result["complete"] = all_keys <= {key(r["method"], r["budget"]) for r in result["rows"]}
     write(out, result)
-    print(f"wrote {out.with_suffix('.md')}")
+    print(f"wrote {results_path(out, '.md')}")
     return 0
 
 

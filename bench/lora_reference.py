@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from irc.benchmark.results import results_path  # noqa: E402
+
 
 def lora_windows(stream, config):
     """The windows the convert's LoRA stage trains on, taken by the convert's own stages in their
@@ -76,8 +78,8 @@ def main() -> int:
               "dense_lora_perplexity": after, "lora": record, "seconds": round(seconds, 1),
               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join([
+    results_path(out, ".json").write_text(json.dumps(result, indent=2) + "\n")
+    results_path(out, ".md").write_text("\n".join([
         "# LoRA on the dense model (the reference for the LoRA stage)", "",
         f"`{result['command']}` ({result['machine']}): the {args.preset} preset's LoRA stage "
         f"({config.lora_steps} steps, batch {config.batch_size}×{config.train_seq_len}, lr {config.lora_lr}, "

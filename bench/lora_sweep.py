@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from irc.benchmark.results import results_path  # noqa: E402
+
 # name → (learning rate, routing, distill weight)
 VARIANTS: dict[str, tuple[float, str, float]] = {
     "train-3e-4": (3e-4, "train", 0.0),  # the standard preset's stage before this sweep
@@ -107,7 +109,7 @@ def dense_perplexity(model: Path) -> float:
 
 
 def write(results: dict, out: Path, meta: dict) -> None:
-    out.with_suffix(".json").write_text(json.dumps({**meta, "variants": results}, indent=2) + "\n")
+    results_path(out, ".json").write_text(json.dumps({**meta, "variants": results}, indent=2) + "\n")
     dense = meta.get("dense_perplexity")
     lines = ["# LoRA stage variants (same routers, same windows)", "",
              f"Model: `{meta['model']}` (its routers before LoRA: `{meta['snapshot']}`); "
@@ -125,7 +127,7 @@ def write(results: dict, out: Path, meta: dict) -> None:
                      f"| {f['flops_saved']:.1%} | {f['folded']} | {r['lora_seconds']:.0f} s |")
     if meta.get("notes"):
         lines += ["", "Notes:", "", *[f"- {n}" for n in meta["notes"]]]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    results_path(out, ".md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
@@ -151,7 +153,7 @@ def main() -> int:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     out = Path(args.out)
     command = ("python bench/lora_sweep.py " + " ".join(sys.argv[1:])).strip()
-    previous = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() else {}
+    previous = json.loads(results_path(out, ".json").read_text()) if args.resume and results_path(out, ".json").exists() else {}
     results = previous.get("variants", {})
     dense = previous.get("dense_perplexity") or dense_perplexity(model)
     meta = {"model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model),
@@ -161,7 +163,7 @@ def main() -> int:
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     for name in names:
         if name in results:
-            print(f"{name}: kept from {out.with_suffix('.json').name}")
+            print(f"{name}: kept from {results_path(out, '.json').name}")
             continue
         print(f"--- {name}")
         results[name] = run_variant(name, model, snapshot, args.steps)

@@ -28,6 +28,10 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from irc.benchmark.results import results_path  # noqa: E402
+
 SHAPES = {"q/o 576→576": (576, 576), "k/v 576→192": (576, 192), "gate/up 576→1536": (576, 1536),
           "down 1536→576": (1536, 576), "router 576→72": (576, 72), "forecaster 576→100": (576, 100)}
 
@@ -100,7 +104,7 @@ def main() -> int:
     command = "python bench/matmul_rows.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(
+    results_path(out, ".json").write_text(json.dumps(
         {"command": command.strip(), "rows": rows, "rounds": args.rounds, "torch": torch.__version__,
          "onnxruntime": ort_version, "threads": torch.get_num_threads(),
          "us": {b: {n: {str(r): t for r, t in v.items()} for n, v in d.items()} for b, d in results.items()}},
@@ -116,7 +120,7 @@ def main() -> int:
         for name, t in d.items():
             lines.append(f"| {backend} | {name} | "
                          + " | ".join(f"{t[r]:.1f} µs ({t[r] / t[rows[0]]:.2f}×)" for r in rows) + " |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    results_path(out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from irc.benchmark.results import results_path  # noqa: E402
 from irc.benchmark.speed import SpeedConfig, bench_speed, markdown_table  # noqa: E402
 
 
@@ -44,14 +45,14 @@ def main() -> int:
         result = bench_speed(args.model, backend, config, log=lambda s: print(s, flush=True))
         results.append(result)
         _write(out, command, args, results, time.perf_counter() - wall)  # after every run: nothing lost
-    print(f"wrote {out.with_suffix('.md')} and .json")
+    print(f"wrote {results_path(out, '.md')} and .json")
     return 0
 
 
 def _write(out: Path, command: str, args, results, wall: float) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {"command": command.strip(), "wall_seconds": round(wall, 1), "runs": [r.to_dict() for r in results]}
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    results_path(out, ".json").write_text(json.dumps(data, indent=2) + "\n")
     first = results[0].meta
     lines = [
         "# Routed vs dense prefill in ONNX Runtime (and PyTorch), CPU",
@@ -70,7 +71,7 @@ def _write(out: Path, command: str, args, results, wall: float) -> None:
         version = f"onnxruntime {r.meta['onnxruntime']}, fp32" if r.backend == "ort" else \
             f"torch {r.meta['torch']}, {r.meta['dtype']}"
         lines += ["", f"## {r.backend}, {c.routing} routing ({what}; {version})", "", *markdown_table(r)]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    results_path(out, ".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

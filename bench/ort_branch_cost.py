@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import irc  # noqa: E402
+from irc.benchmark.results import results_path  # noqa: E402
 from irc.exporters.onnx_decode import STEP_FILE, OnnxDecodeConfig, load_or_export_decode  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -145,7 +146,7 @@ def main() -> int:
     command = "python bench/ort_branch_cost.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(
+    results_path(out, ".json").write_text(json.dumps(
         {"command": command.strip(), "model": args.model, "prompt_len": args.prompt_len, "routed_ifs": n_ifs,
          "rounds": args.rounds, "blocks": args.blocks, "p10_ms": p10, "median_ms": median,
          "onnxruntime": ort.__version__, "blocks_ms": blocks}, indent=2) + "\n")
@@ -167,7 +168,7 @@ def main() -> int:
               + ", ".join(f"{name} {p10[f'{name} (general file)'] / p10[key]:.3f}×" for name, key in
                           (("dense", "dense"), ("threshold", "threshold (If)"), ("all-exec", "all-exec (If)"),
                            ("none-exec", "none-exec (If)"))) + "."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    results_path(out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

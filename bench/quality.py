@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from irc.benchmark.results import results_path  # noqa: E402
+
 SPARSITIES = (0.25, 0.40, 0.70)
 
 
@@ -47,7 +49,7 @@ def key(row: dict) -> str:
 
 
 def write(out: Path, result: dict) -> None:
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    results_path(out, ".json").write_text(json.dumps(result, indent=2) + "\n")
     rows = result["rows"]
     dense = next((r["perplexity"] for r in rows if r["variant"] == "dense"), None)
     lines = [
@@ -91,7 +93,7 @@ def write(out: Path, result: dict) -> None:
         "- `md` and `json` are rewritten after every row; `python bench/quality.py --resume` finishes a "
         "partial run. `write()` can re-render the Markdown from the JSON without re-running rows.",
     ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    results_path(out, ".md").write_text("\n".join(lines) + "\n")
 
 
 def _preset(name: str) -> dict:
@@ -137,8 +139,8 @@ def main() -> int:
     result = {"command": command.strip(), "preset": args.preset, "eval_tokens": 20480,
               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "rows": [], "complete": False, "wall_seconds": 0.0}
-    if args.resume and out.with_suffix(".json").is_file():
-        previous = json.loads(out.with_suffix(".json").read_text())
+    if args.resume and results_path(out, ".json").is_file():
+        previous = json.loads(results_path(out, ".json").read_text())
         result["rows"] = previous["rows"]
         result["wall_seconds"] = previous.get("wall_seconds", 0.0)
     done = {key(r) for r in result["rows"]}
@@ -181,7 +183,7 @@ def main() -> int:
     result["complete"] = {key(r) for r in result["rows"]} >= {key(r) for r in rows_to_run(args.preset)}
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     write(out, result)
-    print(f"wrote {out.with_suffix('.md')}")
+    print(f"wrote {results_path(out, '.md')}")
     return 0
 
 

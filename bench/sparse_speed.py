@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from irc.benchmark.results import results_path  # noqa: E402
 from irc.capture import capture  # noqa: E402
 from irc.eval.flops import model_flops  # noqa: E402
 from irc.models import load_model  # noqa: E402
@@ -108,7 +109,7 @@ def main() -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    results_path(out, ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Sparse execution speed: routed vs dense prefill",
         "",
@@ -141,8 +142,8 @@ def main() -> int:
         "about half of the dense prefill at T=1024; the query-sparse path shrinks it in proportion "
         "to the executed queries.",
     ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.md')} and .json")
+    results_path(out, ".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {results_path(out, '.md')} and .json")
     return 0
 
 

@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from irc.benchmark.results import results_path  # noqa: E402
+
 MODELS = ("smollm2-135m", "runs/frontier/informed-folded@0.20", "runs/frontier/informed-flops@0.20",
           "runs/frontier/static-lff@0.20")
 TASKS = ("irc_wiki_rolling", "irc_lastword")
@@ -110,7 +112,7 @@ def evaluate_task(lm, task: str, limit: int, manager) -> dict:
 
 
 def write(out: Path, result: dict) -> None:
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    results_path(out, ".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     rows = {(r["model"], r["task"]): r for r in result["rows"]}
     models = list(dict.fromkeys([*result["models"], *(r["model"] for r in result["rows"])]))
     dense_ppl = dense_perplexity()
@@ -187,7 +189,7 @@ def write(out: Path, result: dict) -> None:
     notes = result.get("notes", [])
     if notes:
         lines += ["", "Notes:", "", *[f"- {n}" for n in notes]]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    results_path(out, ".md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
@@ -219,13 +221,13 @@ def main() -> int:
               "complete": False, "commands": [command],
               "machine": f"{platform.machine()} CPU, {threads} thread{'s' if threads != 1 else ''}, "
               f"torch {torch.__version__}, lm-eval {lm_eval.__version__}"}
-    if args.resume and out.with_suffix(".json").is_file():
-        previous = json.loads(out.with_suffix(".json").read_text())
+    if args.resume and results_path(out, ".json").is_file():
+        previous = json.loads(results_path(out, ".json").read_text())
         if previous.get("limit") == args.limit:
             result["rows"], result["notes"] = previous["rows"], previous.get("notes", [])
             result["commands"] = previous["commands"] + ([command] if command not in previous["commands"] else [])
         else:
-            print(f"--resume: {out.with_suffix('.json')} was measured at limit {previous.get('limit')}, "
+            print(f"--resume: {results_path(out, '.json')} was measured at limit {previous.get('limit')}, "
                   f"not {args.limit}: starting afresh", flush=True)
     identities = {m: identity(m) for m in models}
     stale = [r for r in result["rows"] if r["model"] in identities
@@ -263,7 +265,7 @@ def main() -> int:
             del lm
     result["complete"] = {(m, t) for m in models for t in tasks} <= {(r["model"], r["task"]) for r in result["rows"]}
     write(out, result)
-    print(f"wrote {out.with_suffix('.md')}", flush=True)
+    print(f"wrote {results_path(out, '.md')}", flush=True)
     return 0
 
 
