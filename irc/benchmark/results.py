@@ -10,8 +10,6 @@ def results_path(out: str | Path, suffix: str) -> Path:
     a trailing ``.md`` or ``.json`` on NAME dropped first. Unlike ``Path.with_suffix`` the dots inside
     NAME stay: ``decode_speed_min_saving_0.003`` must not become ``decode_speed_min_saving_0.json``."""
     name = str(out)
-    for known in (".md", ".json"):
-        if name.endswith(known):
-            name = name.removesuffix(known)
-            break
+    if name.endswith((".md", ".json")):
+        name = name.rsplit(".", 1)[0]
     return Path(name + suffix)
