@@ -20,7 +20,9 @@ decoder was built (``RoutedModel.fold``) has the decoder folded to match at the
 next ``decoder_for``. A forecast-folded attention unit keeps its KV cache at its
 sink slots only (``irc.passes.compact_sink_caches``): its past and present hold
 min(n_sink, P) and min(n_sink, P+T) positions, not P and P+T; ``cache_slots()``
-says which cache tensors are so, ``kv_cache_bytes`` what that saves.
+says which cache tensors are so, ``kv_cache_bytes`` what that saves. A plain-folded
+unit runs inline (``irc.passes.inline_plain_folds``): its norm and body ops are the
+step graph's own, as in the dense decode graph, with no module calls per step.
 
 The cache appends of the graph write in place into a static cache
 (``irc.passes.static_kv_cache``, ``irc.generation.static_cache``):
@@ -55,6 +57,7 @@ from irc.passes.compact_sink_caches import compact_sink_caches, compacted_slots
 from irc.passes.drop_noop_conversions import drop_noop_conversions
 from irc.passes.fold_static_routes import fold_static_routes
 from irc.passes.grouped_kv_attention import grouped_kv_attention
+from irc.passes.inline_plain_folds import inline_plain_folds
 from irc.passes.pipeline import run_passes
 from irc.passes.route_decoder_blocks import folded_modules, route_decoder_blocks, routed_modules
 from irc.passes.static_kv_cache import restore_cat, static_kv_cache
@@ -62,6 +65,12 @@ from irc.passes.static_kv_cache import restore_cat, static_kv_cache
 _SETTINGS = ("mode", "sparse", "tau", "capacity", "record")
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _DENSE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# after folding: forecast-folded attention keeps a KV cache of the sink slots only, not of every token;
+# plain units run inline, as in the dense decode graph (no module calls per unit and step)
+_FOLD_PASSES = [
+    ("compact_sink_caches", compact_sink_caches),
+    ("inline_plain_folds", inline_plain_folds),
+]
 # the last passes of every decode graph, routed or dense (the same cache machinery on both sides)
 _CACHE_PASSES = [
     # the cache appends write in place when the past is a static buffer's view (else: cat, as captured)
@@ -157,7 +166,7 @@ def decoder_for(routed) -> Decoder:
     if pending:  # folded after the decoder was built
         restore_cat(decoder.gm)  # fold_static_routes reads a unit's cache appends as cat(past, new)
         run_passes(decoder.gm, [("fold_static_routes", lambda g: fold_static_routes(g, pending)),
-                                ("compact_sink_caches", compact_sink_caches), *_CACHE_PASSES])
+                                *_FOLD_PASSES, *_CACHE_PASSES])
         _tie(decoder.gm, routed)
         decoder._units = None
     decoder.sync()
@@ -190,11 +199,7 @@ def build_decoder(routed) -> Decoder:
         ("route_decoder_blocks", lambda g: route_decoder_blocks(g, routed.plan)),
     ]
     if routed.plan.folded:
-        passes += [
-            ("fold_static_routes", lambda g: fold_static_routes(g, dict(routed.plan.folded))),
-            # forecast-folded attention: a KV cache of the sink slots only, not of every token
-            ("compact_sink_caches", compact_sink_caches),
-        ]
+        passes += [("fold_static_routes", lambda g: fold_static_routes(g, dict(routed.plan.folded))), *_FOLD_PASSES]
     run_passes(gm, passes + _CACHE_PASSES)
     _tie(gm, routed)
     return Decoder(gm=gm, routed=routed, capture_seconds=time.perf_counter() - start)
