@@ -10,6 +10,9 @@ Rows, at FLOP budgets of 10, 20, 30 and 40% (``--budgets``):
 - ``informed-folded-decode`` (not in the default grid: ``--methods``) — folded as ``informed-folded``,
   and every route saving under 0.2% of the FLOPs per token folded plain too (``irc fold
   --min-saving 0.002``: routes that cost a decode step more than they skip), then recalibrated;
+- ``informed-folded-refined`` (not in the default grid: ``--methods``) — ``informed-folded-decode``,
+  then 50 LoRA steps on the folded model under its own decisions, the folded units' deltas
+  included, and recalibrated (``irc fold --min-saving 0.002 --refine-steps 50``);
 - ``static-lff``        — whole units replaced by their forecasters, chosen greedily;
 - ``skip`` (SkipGPT), ``static`` (ShortGPT), ``mod`` (Mixture-of-Depths) at the budget;
 - ``informed-lora`` (not in the default grid: ``--methods``) — ``informed-flops`` followed by the
@@ -49,15 +52,20 @@ from irc.benchmark.results import results_path  # noqa: E402
 
 BUDGETS = (0.10, 0.20, 0.30, 0.40)
 METHODS = ("informed-sparsity", "informed-flops", "informed-folded", "static-lff", "skip", "static", "mod")
-INFORMED = ("informed-sparsity", "informed-flops", "informed-folded", "informed-folded-decode", "informed-lora",
+INFORMED = ("informed-sparsity", "informed-flops", "informed-folded", "informed-folded-decode",
+            "informed-folded-refined", "informed-lora",
             "informed-flops-r300", "informed-folded-r300", "informed-flops-gumbel", "informed-folded-gumbel")
 FOLD_EPSILON = 0.05
 DECODE_MIN_SAVING = 0.002  # informed-folded-decode: irc fold --min-saving
+REFINE_STEPS = 50  # informed-folded-refined: irc fold --refine-steps (batch 4 × 512, lr 1e-3: irc fold's defaults)
+FOLDS = {"informed-folded": (0.0, 0), "informed-folded-decode": (DECODE_MIN_SAVING, 0),
+         "informed-folded-refined": (DECODE_MIN_SAVING, REFINE_STEPS)}  # method → (min saving, refine steps)
 STYLE = {  # method → (label, matplotlib format)
     "informed-sparsity": ("informed, unit sparsity (paper)", "o--"),
     "informed-flops": ("informed, FLOP budget", "o-"),
     "informed-folded": ("informed, FLOP budget, folded", "s-"),
     "informed-folded-decode": ("informed, FLOP budget, folded for decoding (min saving 0.2%)", "D-"),
+    "informed-folded-refined": ("informed, FLOP budget, folded for decoding, LoRA refined", "*-"),
     "static-lff": ("static forecaster replacement", "^-"),
     "skip": ("skip (SkipGPT)", "v:"),
     "static": ("static (ShortGPT)", "d:"),
@@ -90,7 +98,9 @@ def write(out: Path, result: dict) -> None:
         "that text). Each row is an `irc convert` (training on wiki:train, calibration on its last windows); "
         "`informed-folded` is the `informed-flops` model of the same budget folded at ε = 0.05 and recalibrated; "
         "`informed-folded-decode` also folds plain every route that saves under 0.2% of the FLOPs per token "
-        "(`irc fold --min-saving 0.002`) before recalibrating. "
+        "(`irc fold --min-saving 0.002`) before recalibrating; `informed-folded-refined` is that model after 50 "
+        "LoRA steps on it, folded units' deltas included, and recalibrated (`irc fold --min-saving 0.002 "
+        "--refine-steps 50`). "
         "Near-static: units executing ≤ 5% or ≥ 95% of held-in non-sink tokens (of 60). ORT speedup: "
         "`irc bench --backend ort` at T = 1024 (measured alone on the machine).",
         "",
@@ -265,27 +275,35 @@ def _held_in(routed, make_windows):
     return make_windows(stream[len(stream) - 4 * 1024:], 1024, 4)
 
 
-def run_folded(budget: float, source: Path, out_dir: Path, min_saving: float = 0.0) -> dict:
-    """Fold the informed-flops model of this budget (no retraining) and evaluate it; ``min_saving``:
-    also fold plain the routes saving less than that share of the FLOPs (``informed-folded-decode``)."""
+def run_folded(budget: float, source: Path, out_dir: Path, method: str = "informed-folded") -> dict:
+    """Fold the informed-flops model of this budget and evaluate it: ``FOLDS[method]`` says whether
+    routes saving too little fold plain too (``informed-folded-decode``) and how many LoRA steps then
+    refine the folded model (``informed-folded-refined``; the others retrain nothing)."""
     import irc
     from irc.data import load_corpus, token_stream
     from irc.data.windows import make_windows
     from irc.eval.routed import evaluate_routed, routed_budget
-    from irc.train.fold import fold_routed
+    from irc.train.fold import fold_routed, refine_folded, refine_windows
+    from irc.train.lora_train import LoRATrainConfig
 
     t = time.perf_counter()
+    min_saving, refine_steps = FOLDS[method]
     routed = irc.load(source)
     calib = _held_in(routed, make_windows)
-    record = fold_routed(routed, calib, FOLD_EPSILON, min_saving=min_saving,
-                         budget=lambda r: routed_budget(r, flops_saved=budget, seq_len=1024))
+    budget_of = lambda r: routed_budget(r, flops_saved=budget, seq_len=1024)  # noqa: E731
+    record = fold_routed(routed, calib, FOLD_EPSILON, min_saving=min_saving, budget=budget_of)
+    if refine_steps:  # as irc fold --refine-steps does, with its defaults
+        stream = token_stream(load_corpus("wiki:train"), routed.tokenizer)
+        record["refine"] = refine_folded(routed, refine_windows(stream, 4 * 1024, refine_steps, 4, 512),
+                                         LoRATrainConfig(steps=refine_steps, batch_size=4, lr=1e-3,
+                                                         routing="threshold"), calib=calib, budget=budget_of)
     heldout = token_stream(load_corpus("wiki:heldout"), routed.tokenizer)
     ev = evaluate_routed(routed, heldout, seq_len=1024, max_tokens=20480)
     routed.records = {**routed.records, "fold": record,
                       "evaluation": {**routed.records.get("evaluation", {}), **{k: ev[k] for k in
                                      ("perplexity", "tokens", "sparsity", "flops_per_token")}}}
     routed.save(out_dir, overwrite=True)
-    return {"method": "informed-folded-decode" if min_saving else "informed-folded", "budget": budget, "preset": routed.records["training"]["config"]["preset"],
+    return {"method": method, "budget": budget, "preset": routed.records["training"]["config"]["preset"],
             "perplexity": ev["perplexity"], "flops_saved": ev["flops_per_token"]["saved"],
             "unit_sparsity": ev["sparsity"]["overall"], "sparsity_by_kind": ev["sparsity"]["by_kind"],
             "routers": len(routed.units), "folded": len(record["folded"]), "near_static": record["near_static"],
@@ -358,13 +376,12 @@ def main() -> int:
                                         seq_len=1024, max_tokens=20480)
                 row = {"method": "dense", "budget": 0.0, "perplexity": r.perplexity, "flops_saved": 0.0,
                        "unit_sparsity": 0.0}
-            elif method in ("informed-folded", "informed-folded-decode"):
+            elif method in FOLDS:
                 source = work / key("informed-flops", budget)
                 if not (source / "irc.json").is_file():
                     print(f"    skipped: needs {key('informed-flops', budget)} first", flush=True)
                     continue
-                row = run_folded(budget, source, work / k,
-                                 min_saving=DECODE_MIN_SAVING if method == "informed-folded-decode" else 0.0)
+                row = run_folded(budget, source, work / k, method)
             else:
                 # static-lff fits forecasters and trains nothing else: it gets the informed rows' data
                 # (forecaster windows, held-in windows), so the two differ only in routing

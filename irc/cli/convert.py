@@ -32,6 +32,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--fold-min-saving", type=float, default=0.0, metavar="S",
                    help="when folding, also fold plain every unit whose route saves less than S of the dense "
                    "FLOPs per token (irc fold --min-saving; e.g. 0.002 for decoding; default 0: off)")
+    p.add_argument("--refine-steps", type=int, default=0, metavar="N",
+                   help="after folding, train the LoRA deltas of the folded model for N steps under its own "
+                   "decisions (folded units' too), then recalibrate (irc fold --refine-steps; needs LoRA: the "
+                   "standard preset or --lora-steps; default 0: off)")
     p.add_argument("--no-fold", action="store_true", help="keep every unit's router (no folding)")
     p.add_argument("--preset", default="quick", choices=["quick", "standard"],
                    help="training budget: quick (minutes, the demo) or standard (the benchmark)")
@@ -97,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["lora_distill"] = args.lora_distill
     config = ConvertConfig.from_preset(
         args.sparsity, args.preset, flops_saved=args.flops_saved,
-        fold_epsilon=None if args.no_fold else args.fold_epsilon, fold_min_saving=args.fold_min_saving, variant=args.variant, data=args.data, eval_data=args.eval_data,
+        fold_epsilon=None if args.no_fold else args.fold_epsilon, fold_min_saving=args.fold_min_saving,
+        refine_steps=args.refine_steps, variant=args.variant, data=args.data, eval_data=args.eval_data,
         seed=args.seed, dtype=args.dtype, lff_rank=args.lff_rank, lff_activation=args.lff_form,
         lff_method=args.lff_fit, kv_policy=args.kv_policy, router_init=not args.no_router_init,
         eval_tokens=args.eval_tokens, evaluate_dense=not args.no_dense_eval,

@@ -23,8 +23,17 @@ def add_parser(subparsers) -> None:
                    help="also fold plain every unit whose route saves less than S of the dense model's FLOPs "
                    "per token at its held-in execute fraction (e.g. 0.002: routes that cost a decode step "
                    "more in router and branch than they skip; default 0: off)")
+    p.add_argument("--refine-steps", type=int, default=0, metavar="N",
+                   help="after folding, train the model's LoRA deltas (the folded units' too) for N steps under "
+                   "the folded model's own decisions, then recalibrate: wins back part of the quality a fold "
+                   "gives up (needs a model converted with LoRA; default 0: off)")
+    p.add_argument("--refine-lr", type=float, default=1e-3, help="refining's learning rate (default 1e-3)")
+    p.add_argument("--refine-batch", type=int, default=4, metavar="B",
+                   help="windows of --refine-seq-len per refining step (default 4)")
+    p.add_argument("--refine-seq-len", type=int, default=512, help="refining window length (default 512)")
     p.add_argument("--calib-data", default="wiki:train",
-                   help="held-in corpus (default wiki:train; its last 4 windows of --seq-len)")
+                   help="held-in corpus (default wiki:train; its last 4 windows of --seq-len); refining "
+                   "trains on the windows before those")
     p.add_argument("--seq-len", type=int, default=1024, help="held-in window length (default 1024)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--overwrite", action="store_true", help="replace -o if it exists")
@@ -43,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--epsilon must be in [0, 0.5), got {args.epsilon}")
     if not 0.0 <= args.min_saving < 1.0:
         raise UserError(f"--min-saving must be in [0, 1) (a share of the FLOPs per token), got {args.min_saving}")
+    if args.refine_steps < 0 or args.refine_batch < 1 or args.refine_seq_len < 2 or not args.refine_lr > 0:
+        raise UserError("--refine-steps must be >= 0, --refine-batch >= 1, --refine-seq-len >= 2 and "
+                        "--refine-lr > 0")
     if not is_routed_dir(args.model):
         raise UserError(f"{args.model} is not a routed model directory (no irc.json); irc fold works on the "
                         "output of irc convert")
@@ -62,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     routed = irc.load(args.model, dtype=args.dtype)
     if routed.plan.variant not in ("informed", "skip"):
         raise UserError(f"irc fold folds per-token routes; a {routed.plan.variant} model has none")
+    if args.refine_steps > 0 and routed.plan.lora_rank <= 0:
+        raise UserError(f"{args.model} has no LoRA deltas for --refine-steps to train (it was converted without "
+                        "LoRA: the quick preset or --lora-steps 0); convert with --preset standard or --lora-steps N")
     training = routed.records.get("training", {})
     sparsity, flops_saved = training.get("sparsity"), training.get("flops_saved")
     held_in = token_stream(load_corpus(args.calib_data, default_split="train"), routed.tokenizer)
@@ -69,12 +84,26 @@ def run(args: argparse.Namespace) -> int:
     if len(held_in) < n:
         raise UserError(f"{args.calib_data} has too few tokens to measure routes ({len(held_in)} < {n})")
     calib = make_windows(held_in[len(held_in) - n:], args.seq_len, 4)
+    train = None
+    if args.refine_steps > 0:  # the windows before the held-in ones, from the start of the corpus
+        from irc.train.fold import refine_windows
+
+        train = refine_windows(held_in, n, args.refine_steps, args.refine_batch, args.refine_seq_len,
+                               name=args.calib_data)
     budget = None
     if sparsity is not None or flops_saved is not None:
         budget = lambda r: routed_budget(r, sparsity=None if flops_saved is not None else sparsity,  # noqa: E731
                                          flops_saved=flops_saved, seq_len=args.seq_len)
     record = fold_routed(routed, calib, args.epsilon, min_saving=args.min_saving, budget=budget,
                          show_progress=not args.json)
+    if train is not None:
+        from irc.train.fold import refine_folded
+        from irc.train.lora_train import LoRATrainConfig
+
+        record["refine"] = refine_folded(
+            routed, train, LoRATrainConfig(steps=args.refine_steps, batch_size=args.refine_batch,
+                                                    lr=args.refine_lr, routing="threshold"),
+            calib=calib, budget=budget, show_progress=not args.json)
     routed.records = {**routed.records, "fold": record}
     routed.save(out, overwrite=args.overwrite)
     how = {h: sum(1 for v in record["folded"].values() if v == h) for h in ("forecast", "plain")}
@@ -93,6 +122,12 @@ def run(args: argparse.Namespace) -> int:
         rc = record["recalibration"]
         info(f"recalibrated {rc['budget']} budget: FLOPs saved {100 * rc['achieved_flops_saved']:.1f}% on held-in "
              f"data, unit sparsity {rc['achieved_sparsity']:.3f}")
+    if "refine" in record:
+        rf = record["refine"]
+        info(f"refined     {rf['lora']['steps']} LoRA steps under the folded model's decisions (loss "
+             f"{rf['lora']['first_loss']:.3f} → {rf['lora']['last_loss']:.3f})"
+             + (f"; recalibrated: FLOPs saved {100 * rf['recalibration']['achieved_flops_saved']:.1f}% on held-in data"
+                if rf.get("recalibration", {}).get("achieved_flops_saved") is not None else ""))
     info(f"PASSED fold {time.perf_counter() - start:.1f}s folded={len(record['folded'])} "
          f"routers={record['routers_after']} out={out}")
     return 0

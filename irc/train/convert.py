@@ -101,6 +101,7 @@ class ConvertConfig:
     lora_distill: float = 0.0  # weight of KL to the dense base model in the LoRA loss
     fold_epsilon: float | None = DEFAULT_FOLD_EPSILON  # fold units executing ≤ ε or ≥ 1 − ε of held-in tokens; None: no folding
     fold_min_saving: float = 0.0  # also fold plain the routes saving < this share of the FLOPs per token (choose_folds)
+    refine_steps: int = 0  # after folding: LoRA steps on the folded model, then recalibration (refine_folded)
     static_score_windows: int = 2  # static-lff: held-in windows each unit's loss increase is measured on
     eval_seq_len: int = 1024
     eval_tokens: int = 20480
@@ -129,6 +130,11 @@ class ConvertConfig:
             raise UserError(f"--fold-epsilon must be in [0, 0.5), got {self.fold_epsilon}")
         if not 0.0 <= self.fold_min_saving < 1.0:
             raise UserError(f"--fold-min-saving must be in [0, 1), got {self.fold_min_saving}")
+        if self.refine_steps < 0:
+            raise UserError(f"--refine-steps must be >= 0, got {self.refine_steps}")
+        if self.refine_steps > 0 and (self.variant != "informed" or self.fold_epsilon is None or self.lora_steps <= 0):
+            raise UserError("--refine-steps trains the LoRA deltas of the folded model: it needs the informed "
+                            "variant, folding (no --no-fold) and LoRA (--lora-steps N > 0, as the standard preset has)")
 
     @classmethod
     def from_preset(cls, sparsity: float | None = None, preset: str = "quick", **overrides) -> ConvertConfig:
@@ -410,19 +416,24 @@ def _routers(job: Job) -> dict:
 
 
 def _lora_data(job: Job) -> None:
-    """The windows after the routers' ones; where the stream runs out (router training may take
-    all of it), the rest are the routers' windows again, from their first: seen data, a fixed order."""
+    job.windows["lora"] = _later_windows(job, job.config.lora_steps, "LoRA")
+
+
+def _later_windows(job: Job, steps: int, what: str) -> torch.Tensor:
+    """``steps`` batches of windows after the ones taken so far; where the stream runs out (router
+    training may take all of it), the rest are the routers' windows again, from their first: seen
+    data, a fixed order."""
     c = job.config
-    need = c.lora_steps * c.batch_size
+    need = steps * c.batch_size
     fresh = job.take(min((len(job.stream) - job.cursor) // c.train_seq_len, need), c.train_seq_len)
     if len(fresh) < need:
         seen = job.windows.get("routers")
         if seen is None or len(seen) == 0 or seen.shape[1] != c.train_seq_len:
-            raise UserError(f"the training data leaves no windows of {c.train_seq_len} tokens for LoRA; "
+            raise UserError(f"the training data leaves no windows of {c.train_seq_len} tokens for {what}; "
                             "use more data or fewer router steps")
         again = seen[torch.arange(need - len(fresh)) % len(seen)]
         fresh = torch.cat([fresh, again]) if len(fresh) else again
-    job.windows["lora"] = fresh
+    return fresh
 
 
 def _lora(job: Job) -> dict:
@@ -473,6 +484,25 @@ def _fold(job: Job) -> dict:
                          show_progress=job.show_progress)
     job.plan = job.routed.plan
     return record
+
+
+def _refine_data(job: Job) -> None:
+    job.windows["refine"] = _later_windows(job, job.config.refine_steps, "refining")
+
+
+def _refine(job: Job) -> dict:
+    """LoRA on the folded model (its folded units' deltas too), under its calibrated decisions,
+    then the routers recalibrated to the budget (``irc.train.fold.refine_folded``)."""
+    from irc.train.fold import refine_folded
+    from irc.train.lora_train import LoRATrainConfig
+
+    c = job.config
+    teacher = (lambda ids: job.base.model(ids).logits) if c.lora_distill > 0 else None
+    return refine_folded(job.routed, job.windows["refine"],
+                         LoRATrainConfig(steps=c.refine_steps, batch_size=c.batch_size, lr=c.lora_lr,
+                                         routing="threshold", distill=c.lora_distill),
+                         calib=job.calib, budget=lambda routed: job.budget(job.calib.shape[1]), teacher=teacher,
+                         show_progress=job.show_progress)
 
 
 def _restore_fold(job: Job, record: dict) -> None:
@@ -570,6 +600,8 @@ STAGES: list[Stage] = [
                                                             in ("informed", "skip")),
           _fold, ("fold",), restore=_restore_fold,
           settings=lambda c: {"fold_epsilon": c.fold_epsilon, "fold_min_saving": c.fold_min_saving}),
+    Stage("refine", lambda c: c.refine_steps > 0, _refine, ("training", "refine"), data=_refine_data,
+          settings=lambda c: {"refine_steps": c.refine_steps}),
     Stage("evaluate", lambda c: True, _evaluate, ("evaluation",),
           settings=lambda c: {k: getattr(c, k) for k in ("eval_data", "eval_seq_len", "eval_tokens", "evaluate_dense")}),
 ]
@@ -577,7 +609,7 @@ STAGES: list[Stage] = [
 # scoring, folding, evaluation). The stages before the first one whose settings changed keep
 # their checkpoints; that one and every later one run again. Anything else must match.
 LATE_SETTINGS = ("lora_steps", "lora_rank", "lora_lr", "lora_routing", "lora_distill", "static_score_windows",
-                 "fold_epsilon", "fold_min_saving", "eval_data", "eval_seq_len", "eval_tokens", "evaluate_dense")
+                 "fold_epsilon", "fold_min_saving", "refine_steps", "eval_data", "eval_seq_len", "eval_tokens", "evaluate_dense")
 
 
 def _put(records: dict, path: tuple[str, ...], value) -> None:

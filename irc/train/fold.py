@@ -5,10 +5,17 @@ constant on held-in data loses its router (``irc.passes.fold_static_routes``);
 the units that keep routers are recalibrated so the model's budget still holds
 (folding moves a unit at 3% to 0% of non-sink tokens, or at 97% to 100%).
 Used by ``irc convert --fold-epsilon``, ``irc fold`` and the frontier benchmark.
+
+``refine_folded`` then trains the LoRA deltas of the folded model (the folded units'
+too) under its calibrated decisions and recalibrates: folding at a high
+``min_saving`` gives up quality the routes had (their units now always run or
+never do), which LoRA trained on the folded model wins part of back
+(``irc fold --refine-steps``, ``irc convert --refine-steps``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -69,3 +76,38 @@ def fold_routed(routed, windows: torch.Tensor, epsilon: float, *, min_saving: fl
         held_in_fractions(routed, windows)  # the counters now hold the folded model's fractions
         record["achieved_sparsity"] = achieved_sparsity(routed)["overall"]
     return record
+
+
+def refine_folded(routed, windows: torch.Tensor, config, *, calib: torch.Tensor, budget=None, teacher=None,
+                  show_progress: bool = True) -> dict:
+    """Train the LoRA deltas of a folded ``routed`` on ``windows`` (``config``: an
+    ``irc.train.lora_train.LoRATrainConfig``; its routing should be ``threshold``: the folded
+    model's own decisions), then recalibrate its routers on ``calib`` to ``budget`` (a callable
+    of the model giving a ``Budget``; None: keep the thresholds). Returns the record."""
+    from irc.errors import UserError
+    from irc.eval.calibrate import calibrate_thresholds
+    from irc.train.distributed import RANKS
+    from irc.train.lora_train import train_lora
+
+    if routed.plan.lora_rank <= 0:
+        raise UserError("refining trains the model's LoRA deltas, and this model has none (it was converted "
+                        "without LoRA: --lora-steps 0, or the quick preset); convert with --lora-steps N first")
+    record = {"lora": train_lora(routed, windows, config, teacher=teacher, show_progress=show_progress)}
+    if routed.units and budget is not None:
+        record["recalibration"] = calibrate_thresholds(routed, calib, budget=budget(routed),
+                                                       show_progress=show_progress, ranks=RANKS)
+    return record
+
+
+def refine_windows(stream: np.ndarray, held_in_tokens: int, steps: int, batch: int, seq_len: int,
+                   name: str = "the corpus") -> torch.Tensor:
+    """``steps × batch`` windows of ``seq_len`` tokens for ``refine_folded``, from the start of
+    ``stream``, before its last ``held_in_tokens`` (the held-in windows folding and calibration read)."""
+    from irc.data.windows import make_windows
+    from irc.errors import UserError
+
+    need = steps * batch
+    if (len(stream) - held_in_tokens) // seq_len < need:
+        raise UserError(f"{name} has {len(stream) - held_in_tokens} tokens before its held-in windows, fewer "
+                        f"than {steps} refining steps × {batch} windows of {seq_len} ({need} windows)")
+    return make_windows(stream[:need * seq_len], seq_len, need)

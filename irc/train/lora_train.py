@@ -89,7 +89,9 @@ def train_lora(routed, windows: torch.Tensor, config: LoRATrainConfig, *, teache
     gradient; the dense base model) when ``config.distill > 0``."""
     if config.distill > 0 and teacher is None:
         raise ValueError("distillation (distill > 0) needs a teacher")
-    params = [p for u in routed.units.values() if getattr(u, "lora", None) is not None for p in u.lora.parameters()]
+    # folded units keep their LoRA deltas: after folding (``refine_folded``) those train too
+    units = [*routed.units.values(), *getattr(routed, "folded", {}).values()]
+    params = [p for u in units if getattr(u, "lora", None) is not None for p in u.lora.parameters()]
     if not params:
         raise ValueError("the routed model has no LoRA (route it with lora_rank > 0)")
     for p in routed.gm.parameters():

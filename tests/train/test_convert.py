@@ -233,3 +233,24 @@ def test_convert_folds_routes_under_the_min_saving(tiny_dirs, tiny_corpus, tmp_p
     assert sorted(fold["folded_for_saving"]) == sorted(n for n in dynamic if saving[n] < S)
     assert all(fold["folded"][n] == "plain" for n in fold["folded_for_saving"])
     assert set(routed.units) == {n for n in dynamic if saving[n] >= S}
+
+
+def test_convert_refines_the_folded_model(tiny_dirs, tiny_corpus, tmp_path, capsys):
+    """``--refine-steps``: after folding, LoRA trains on the folded model (the folded units' deltas
+    too) and the routers are recalibrated; the stage resumes like the others; without LoRA it is refused."""
+    import irc
+
+    out = tmp_path / "refined"
+    config = _config(tiny_corpus, sparsity=None, flops_saved=0.2, fold_epsilon=0.05, fold_min_saving=0.05,
+                     lora_steps=2, lora_rank=4, lora_routing="threshold", refine_steps=3)
+    summary = convert(str(tiny_dirs["llama"]), out, config, show_progress=False, log=lambda s: None)
+    refine = summary["training"]["refine"]
+    assert refine["lora"]["steps"] == 3 and refine["lora"]["routing"] == "threshold"
+    assert summary["fold"]["folded"]  # something was folded, so folded units' deltas trained
+    routed = irc.load(out, dtype="fp32")
+    assert routed.plan.folded and any(getattr(u, "lora", None) is not None for u in routed.folded.values())
+    if routed.units:
+        assert refine["recalibration"]["achieved_flops_saved"] == pytest.approx(0.2, abs=0.05)
+    assert main(["convert", str(tiny_dirs["llama"]), "-o", str(tmp_path / "never"), "--refine-steps", "2"]) == 2
+    assert "--refine-steps trains the LoRA deltas" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
