@@ -39,6 +39,7 @@ import logging
 import operator
 
 from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
 
 from irc.nn.folded_unit import FoldedUnit
 from irc.nn.tokens import HIDDEN
@@ -72,32 +73,27 @@ def inline_plain_folds(gm: GraphModule) -> PassResult:
 def _copy_graph(gm: GraphModule, part: GraphModule, prefix: str, args: list) -> list:
     """Copy ``part``'s nodes into ``gm`` at the insertion point, its placeholders bound to ``args``;
     ``get_attr`` and ``call_module`` targets are re-qualified by ``prefix``. Returns its outputs."""
-    env: dict[Node, object] = {}
     placeholders = [n for n in part.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(args):
         raise RuntimeError(f"{prefix} takes {len(placeholders)} inputs, the call gives {len(args)}")
+    env: dict[Node, object] = dict(zip(placeholders, args))
     outputs = None
     for node in part.graph.nodes:
         if node.op == "placeholder":
-            env[node] = args[placeholders.index(node)]
-        elif node.op == "output":
+            continue
+        if node.op == "output":
             result = node.args[0]
             outputs = list(result) if isinstance(result, (tuple, list)) else [result]
             outputs = [env[o] if isinstance(o, Node) else o for o in outputs]
         elif node.op in ("get_attr", "call_module"):
-            new = gm.graph.create_node(node.op, f"{prefix}.{node.target}",
-                                       *_mapped(node, env), name=f"{prefix.replace('.', '_')}_{node.name}")
+            new = gm.graph.create_node(node.op, f"{prefix}.{node.target}", map_arg(node.args, env.__getitem__),
+                                       map_arg(node.kwargs, env.__getitem__),
+                                       name=f"{prefix.replace('.', '_')}_{node.name}")
             new.meta = dict(node.meta)
             env[node] = new
         else:
-            env[node] = gm.graph.node_copy(node, lambda n: env[n])
+            env[node] = gm.graph.node_copy(node, env.__getitem__)
     return outputs
-
-
-def _mapped(node: Node, env: dict) -> tuple:
-    from torch.fx.node import map_arg
-
-    return map_arg(node.args, lambda n: env[n]), map_arg(node.kwargs, lambda n: env[n])
 
 
 def _replace_call(gm: GraphModule, call: Node, outputs: list) -> None:
