@@ -76,7 +76,7 @@ def _copy_graph(gm: GraphModule, part: GraphModule, prefix: str, args: list) -> 
     placeholders = [n for n in part.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(args):
         raise RuntimeError(f"{prefix} takes {len(placeholders)} inputs, the call gives {len(args)}")
-    env: dict[Node, object] = dict(zip(placeholders, args))
+    env: dict[Node, object] = dict(zip(placeholders, args, strict=True))
     outputs = None
     for node in part.graph.nodes:
         if node.op == "placeholder":

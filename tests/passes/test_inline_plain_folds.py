@@ -18,8 +18,8 @@ import pytest
 import torch
 from routed_helpers import tiny_routed
 
-from irc.generation import left_pad
 from irc.generation import decoder as decoder_module
+from irc.generation import left_pad
 from irc.generation.decoder import decoder_for
 from irc.inspect.summary import op_counts
 from irc.nn.folded_unit import FoldedUnit
@@ -94,15 +94,15 @@ def test_inlined_decode_equals_the_calls_bit_for_bit(kv_cache, monkeypatch):
                 m = mask
                 logits, past = decoder.step(ids, m, decoder.empty_cache(B, capacity=capacity))
                 steps = [logits]
-                for i in range(5):
+                for _ in range(5):
                     token = steps[-1][:, -1].argmax(-1, keepdim=True)
                     m = torch.cat([m, torch.ones(B, 1, dtype=m.dtype)], dim=1)
                     logits, past = decoder.step(token, m, past)
                     steps.append(logits)
             outs.append((steps, [p.clone() for p in past]))
         (a_steps, a_past), (b_steps, b_past) = outs
-        assert all(torch.equal(a, b) for a, b in zip(a_steps, b_steps))
-        assert all(torch.equal(a, b) for a, b in zip(a_past, b_past))
+        assert all(torch.equal(a, b) for a, b in zip(a_steps, b_steps, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(a_past, b_past, strict=True))
 
 
 def test_a_graph_without_plain_folds_is_unchanged():

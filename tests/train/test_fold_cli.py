@@ -2,10 +2,11 @@
 
 import json
 
+from routed_helpers import randomize_routing
+
 import irc
 from irc.cli import main
 from irc.plan import RoutingPlan
-from routed_helpers import randomize_routing
 
 
 def _routed_dir(tiny_dirs, tmp_path, lora_rank):
