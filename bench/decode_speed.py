@@ -22,7 +22,10 @@ layers keep their sink slots only: ``irc.generation.stats.kv_cache_bytes``).
 (``GenerationConfig.kv_cache``): ``static`` (default; torch: preallocated buffers
 written in place, ``irc.generation.static_cache``; ORT: the cache kept in OrtValues
 by I/O binding), ``copy`` (each step returns a new cache, the past copied into it),
-or ``static,copy``: a row for each, interleaved like dense and routed.
+or ``static,copy``: a row for each, interleaved like dense and routed. --gemm picks
+the kernel of a torch decode step's bf16 products (``irc.generation.row_kernels``):
+``auto`` (default: ATen's own for steps of a token or two where it measured faster,
+else oneDNN), ``onednn``, ``aten``, or ``onednn,auto``: a row for each, interleaved.
 
 --model takes several directories (a folded model and its unfolded twin: what
 folding buys), --dtype several torch precisions. --hf-reference adds, per torch
@@ -32,12 +35,14 @@ baseline.
 
     .venv/bin/python bench/decode_speed.py --model runs/smollm2-s25   # docs/results/decode_speed.{md,json}
     .venv/bin/python bench/decode_speed.py --model runs/smollm2-s25 --kv-cache static,copy
+    .venv/bin/python bench/decode_speed.py --model runs/smollm2-s25 --backends torch --gemm onednn,auto
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -52,8 +57,8 @@ sys.path.insert(0, str(ROOT))
 
 import irc  # noqa: E402
 from irc.benchmark.results import results_path  # noqa: E402
-from irc.generation import GenerationConfig, generate  # noqa: E402
-from irc.generation.decoder import dense_decoder  # noqa: E402
+from irc.generation import GenerationConfig, generate, row_kernels  # noqa: E402
+from irc.generation.decoder import decoder_for, dense_decoder  # noqa: E402
 from irc.generation.stats import decode_flops, decode_kv_bytes  # noqa: E402
 
 
@@ -79,6 +84,17 @@ def run_once(model, ids, mask, new_tokens: int, kv_cache: str) -> dict:
             "execute_fraction": result.execute_fraction, "execute_fractions": result.execute_fractions}
 
 
+def kernels(routed, gemm: str) -> int | None:
+    """Both torch decoders' bf16 step kernels (irc.generation.row_kernels): the rows up to which ATen's run."""
+    os.environ[row_kernels.ENV] = gemm
+    limits = set()
+    for decoder in (dense_decoder(routed), decoder_for(routed)):
+        decoder.reset_kernels()
+        limits.add(decoder.aten_rows())
+    assert len(limits) == 1, limits  # measured once, on the base model's weights: the same for both
+    return limits.pop()
+
+
 def bench_backend(backend: str, model: str, dtype: str, args, command: str) -> list[dict]:
     routed = irc.load(model, dtype=dtype)
     models = {}
@@ -96,17 +112,23 @@ def bench_backend(backend: str, model: str, dtype: str, args, command: str) -> l
     rows = []
     for batch in args.batch:
         ids, mask = prompts(routed.tokenizer, batch, args.prompt_len)
-        runs: dict[tuple[str, str], list[dict]] = {(c, m): [] for c in args.kv_cache for m in ("dense", "threshold")}
+        gemms = args.gemm if backend == "torch" else [None]
+        runs: dict[tuple, list[dict]] = {(c, g, m): [] for c in args.kv_cache for g in gemms
+                                         for m in ("dense", "threshold")}
+        limits = {}
         for repeat in range(args.repeats + 1):  # the first is a warm-up
-            for cache, mode in runs:
+            for cache, gemm, mode in runs:
+                if gemm is not None:
+                    limits[gemm] = kernels(routed, gemm)
                 routed.set_routing(mode, record=True)
                 r = run_once(models[mode], ids, mask, args.new_tokens, cache)
                 if repeat:
-                    runs[cache, mode].append(r)
-        for cache in args.kv_cache:
-            row = _row(model, backend, dtype, batch, cache, {m: runs[cache, m] for m in ("dense", "threshold")},
+                    runs[cache, gemm, mode].append(r)
+        for cache, gemm in dict.fromkeys((c, g) for c, g, _ in runs):
+            row = _row(model, backend, dtype, batch, cache, {m: runs[cache, gemm, m] for m in ("dense", "threshold")},
                        kv, args, command)
-            fractions = runs[cache, "threshold"][-1]["execute_fractions"]
+            row["gemm"] = None if gemm is None else {"setting": gemm, "aten_rows": limits[gemm]}
+            fractions = runs[cache, gemm, "threshold"][-1]["execute_fractions"]
             if fractions:  # ORT too: the decode file's decisions output
                 context = args.prompt_len + (args.new_tokens - 1) / 2
                 row["decode_flops"] = decode_flops(routed.arch, routed.plan, fractions, context)
@@ -162,6 +184,14 @@ def _row(model, backend, dtype, batch, cache, runs, kv, args, command) -> dict:
     return row
 
 
+def _gemm(row) -> str:
+    g = row.get("gemm")
+    if g is None:
+        return "–"
+    how = f"ATen ≤ {g['aten_rows']} rows" if g["aten_rows"] else "oneDNN"
+    return how if g["setting"] == "auto" else f"{how} ({g['setting']})"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="runs/smollm2-s25",
@@ -184,10 +214,16 @@ def main() -> int:
     p.add_argument("--ort-step-file", default="off", choices=["on", "off"],
                    help="on: one-token steps at batch 1 run the one-token step file (OnnxDecodeConfig.step_file); "
                    "off (default): every step runs the general file")
+    p.add_argument("--gemm", default="auto",
+                   help="torch bf16 kernels of a decode step's few rows (IRC_DECODE_GEMM, irc.generation.row_kernels): "
+                   "auto (default: measured), onednn, aten, or a comma-separated list: rows for each, interleaved")
     p.add_argument("--out", default=str(ROOT / "docs/results/decode_speed"))
     args = p.parse_args()
     args.batch = [int(b) for b in args.batch.split(",")]
     args.kv_cache = args.kv_cache.split(",")
+    args.gemm = args.gemm.split(",")
+    if not set(args.gemm) <= {"auto", "onednn", "aten"}:
+        p.error(f"--gemm {','.join(args.gemm)}: each of auto, onednn, aten")
     for cache in args.kv_cache:
         GenerationConfig(kv_cache=cache)  # validates
     if args.threads:
@@ -215,19 +251,19 @@ def main() -> int:
         f"{args.repeats} interleaved runs after a warm-up. torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads, {meta['date']}. Generated by `bench/decode_speed.py`; the command is beside every figure.",
         "",
-        "| model | backend | dtype | B | KV cache | dense tok/s | routed tok/s | speed-up | paired | execute fraction "
-        "| decode FLOPs saved | KV B/token dense → routed | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | backend | dtype | B | KV cache | step GEMM | dense tok/s | routed tok/s | speed-up | paired "
+        "| execute fraction | decode FLOPs saved | KV B/token dense → routed | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["backend"] == "hf":
-            lines.append(f"| {r['model']} | hf | {r['dtype']} | {r['batch']} | {r['cache']} | "
+            lines.append(f"| {r['model']} | hf | {r['dtype']} | {r['batch']} | {r['cache']} | oneDNN | "
                          f"{r['dense_tokens_per_s']:.1f} | – | – | – | – | – | – | `{r['command']}` |")
             continue
         e = "n/a" if r["execute_fraction"] is None else f"{r['execute_fraction']:.3f}"
         saved = f"{100 * r['decode_flops']['saved']:.1f}%" if "decode_flops" in r else "n/a"
         lines.append(f"| `{r['model']}` | {r['backend']} | {r['dtype']} | {r['batch']} | {r['cache']} | "
-                     f"{r['dense_tokens_per_s']:.1f} | "
+                     f"{_gemm(r)} | {r['dense_tokens_per_s']:.1f} | "
                      f"{r['routed_tokens_per_s']:.1f} | {r['speedup']:.2f}× | {r['speedup_paired']:.2f}× | {e} | "
                      f"{saved} | "
                      f"{r['kv_bytes_per_token']['dense']:,} → {r['kv_bytes_per_token']['routed']:,} | "
@@ -253,6 +289,9 @@ def main() -> int:
               "", "decode FLOPs saved: per decoded token, routers and forecasters counted, at the execute fractions "
               "of the row's last routed run and the mean context of its steps (irc.generation.stats.decode_flops); "
               "a decode step that only read weights would be 1 / (1 - saved) times faster.",
+              "", "step GEMM (torch): the kernel of a decode step's bf16 products (irc.generation.row_kernels, "
+              "IRC_DECODE_GEMM via --gemm): oneDNN, or ATen's own for steps of at most N tokens in all (auto: "
+              "measured once on the base model's weights; dense and routed take the same); the prompt runs oneDNN.",
               "", "hf rows (--hf-reference): the base model through transformers (its forward over a "
               "DynamicCache, greedy, the same prompts), dense only: a reference for the dense columns."]
     results_path(out, ".md").write_text("\n".join(lines) + "\n")

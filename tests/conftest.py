@@ -95,6 +95,9 @@ def _irc_cache(request, tmp_path_factory, monkeypatch):
     else:
         monkeypatch.setenv("IRC_CACHE", str(tmp_path_factory.getbasetemp() / "irc-cache"))
     monkeypatch.setenv("IRC_PROGRESS", "0")
+    # a decode step's bf16 kernels are chosen by timing them (irc.generation.row_kernels): tests
+    # pin oneDNN, so no result depends on the machine's timings; test_row_kernels sets each choice
+    monkeypatch.setenv("IRC_DECODE_GEMM", "onednn")
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,7 @@ import torch
 from torch.fx import GraphModule
 
 from irc.errors import UserError
-from irc.generation import static_cache
+from irc.generation import row_kernels, static_cache
 from irc.generation.capture import cache_shape, capture_decode, empty_cache
 from irc.nn.cached_unit import RowsHint, StepHint
 from irc.passes.compact_sink_caches import compact_sink_caches, compacted_slots
@@ -144,11 +144,24 @@ class Decoder:
         for unit in units:
             unit.step_hint = hint
         try:
-            logits, *present = self.gm(input_ids, attention_mask, *past)
+            with row_kernels.for_rows(input_ids.numel(), self.aten_rows()):
+                logits, *present = self.gm(input_ids, attention_mask, *past)
         finally:
             for unit in units:
                 unit.step_hint = None
         return logits, static_cache.adopt(past, present)  # a rebuilt present back into its static buffer
+
+    def aten_rows(self) -> int:
+        """Steps of at most this many tokens in all run with oneDNN off (``irc.generation.row_kernels``):
+        bf16 on the CPU, where ATen's own kernel measured faster; else 0. Measured on the base model's
+        weights, so a routed decoder and its dense baseline (``dense_decoder``) take the same kernels."""
+        if getattr(self, "_aten_rows", None) is None:
+            self._aten_rows = row_kernels.aten_rows(self.routed.base.model.parameters())
+        return self._aten_rows
+
+    def reset_kernels(self) -> None:
+        """Forget the kernel choice: the next step chooses again (after ``IRC_DECODE_GEMM`` changed)."""
+        self._aten_rows = None
 
     def _unit_list(self) -> list:
         if getattr(self, "_units", None) is None:
