@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 import irc  # noqa: E402
 from irc.benchmark.results import results_path  # noqa: E402
+from irc.generation import row_kernels  # noqa: E402
 from irc.generation.decoder import decoder_for, dense_decoder  # noqa: E402
 
 SETTINGS = {"dense": ("dense", None), "threshold": ("threshold", None),
@@ -80,8 +81,9 @@ def plain_linear():
 def step_ms(routed, decoder, ids, mode, threshold, steps, graph=None) -> float:
     """Milliseconds per decode step; ``graph``: run this unrouted decode graph instead."""
     if graph is not None:
-        def step(i, m, p):
-            logits, *present = graph(i, m, *p)
+        def step(i, m, p):  # the decoders' step kernels (irc.generation.row_kernels), as decoder.step
+            with row_kernels.for_rows(i.numel(), decoder.aten_rows()):
+                logits, *present = graph(i, m, *p)
             return logits, present
     else:
         step = decoder.step
