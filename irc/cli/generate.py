@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from irc.cli.common import emit_json, info
     from irc.errors import UserError
     from irc.generation import GenerationConfig, generate
-    from irc.generation.decoder import dense_decoder
+    from irc.generation.decoder import decoder_for, dense_decoder
     from irc.generation.stats import decode_flops, decode_kv_bytes, kv_cache_line
     from irc.routing import is_routed_dir
 
@@ -90,11 +90,15 @@ def run(args: argparse.Namespace) -> int:
         flops = {**flops, "routed": flops["dense"], "saved": 0.0}
     kinds = _by_kind(result.execute_fractions)
     kv = decode_kv_bytes(routed, model, 4 if args.backend == "ort" else None)  # ORT: fp32
+    # torch: the kernel of a decode step's bf16 products (irc.generation.row_kernels); ORT: its own
+    aten_rows = None if args.backend == "ort" else (dense_decoder(routed) if routing == "dense"
+                                                    else decoder_for(routed)).aten_rows()
     if args.json:
         emit_json({"model": args.model, "backend": args.backend, "routing": routing, "kv_cache": args.kv_cache,
                    "text": text,
                    "prompt_tokens": int(ids.shape[1]), **result.to_dict(), "flops_per_token": flops,
-                   "kv_cache_bytes": kv, "execute_by_kind": kinds, "seconds": seconds})
+                   "kv_cache_bytes": kv, "execute_by_kind": kinds, "step_gemm_aten_rows": aten_rows,
+                   "seconds": seconds})
         return 0
     if stream is not None:
         stream.finish()
@@ -103,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
     info()
     exec_line = "n/a" if result.execute_fraction is None else (
         f"{result.execute_fraction:.3f}" + "".join(f", {k} {v:.3f}" for k, v in kinds.items()))
+    gemm = "" if not aten_rows else f", ATen GEMM ≤ {aten_rows} rows"
     info(f"decode      {result.decode_tokens} tokens in {result.decode_seconds:.2f}s: "
-         f"{result.tokens_per_s:.1f} tokens/s ({args.backend}, {dtype}, {routing}, {args.kv_cache} cache); prompt {ids.shape[1]} tokens, "
+         f"{result.tokens_per_s:.1f} tokens/s ({args.backend}, {dtype}, {routing}, {args.kv_cache} cache{gemm}); "
+         f"prompt {ids.shape[1]} tokens, "
          f"prefill {result.prefill_seconds:.2f}s")
     info(f"execute     {exec_line} (while decoding)")
     info(f"FLOPs       {flops['dense'] / 1e6:.1f} → {flops['routed'] / 1e6:.1f} MFLOP/token "

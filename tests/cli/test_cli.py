@@ -105,6 +105,14 @@ def test_generate_on_a_tiny_model(tiny_dirs, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["backend"] == "torch" and len(result["tokens"][0]) >= 1
     assert result["kv_cache_bytes"]["per_token"] == result["kv_cache_bytes"]["dense_per_token"] == 512
+    assert result["step_gemm_aten_rows"] == 0  # fp32: oneDNN's setting never matters
+
+
+def test_generate_names_the_step_kernels_in_bf16(tiny_dirs, capsys, monkeypatch):
+    monkeypatch.setenv("IRC_DECODE_GEMM", "aten")
+    assert main(["generate", str(tiny_dirs["llama"]), "Paris", "--max-new-tokens", "4", "--dtype", "bf16"]) == 0
+    decode = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("decode "))
+    assert "(torch, bf16, dense, static cache, ATen GEMM ≤ 4 rows)" in decode
 
 
 def test_generate_chat_without_template_is_one_line(tiny_dirs):
