@@ -15,9 +15,11 @@ rows (``for_rows``), for the dense and the routed graph alike, so a comparison o
 two stays like for like.
 
 Which kernel wins depends on the CPU (oneDNN's AMX kernels, say) and on the shapes,
-so it is measured, once per process and set of weight shapes, on the decoder's own
-weights (``aten_rows``, about half a second): the largest row count up to which
-ATen's kernel beat oneDNN by ``MARGIN`` at every count, 0 where it never did.
+so it is measured, once per process and set of weight shapes, on the base model's
+weights when a decoder is built (``aten_rows``, about half a second; a routed decoder
+and its dense baseline share the result): the largest row count up to which ATen's
+kernel beat oneDNN by ``MARGIN`` at every count, 0 where it never did. A count where
+the two are close (three rows on the CPU above) can fall either way between processes.
 ``IRC_DECODE_GEMM`` overrides the measurement: ``onednn`` (always oneDNN), ``aten``
 (ATen's kernel up to ``MAX_ROWS`` rows), ``auto`` (the default).
 
