@@ -31,6 +31,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--refine-batch", type=int, default=4, metavar="B",
                    help="windows of --refine-seq-len per refining step (default 4)")
     p.add_argument("--refine-seq-len", type=int, default=512, help="refining window length (default 512)")
+    p.add_argument("--refine-distill", type=float, default=0.0, metavar="W",
+                   help="refining's loss: (1 − W)·cross-entropy + W·KL(dense base model ‖ folded model) "
+                   "(default 0: cross-entropy only; the base model runs once more per step)")
     p.add_argument("--calib-data", default="wiki:train",
                    help="held-in corpus (default wiki:train; its last 4 windows of --seq-len); refining "
                    "trains on the windows before those")
@@ -55,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     if args.refine_steps < 0 or args.refine_batch < 1 or args.refine_seq_len < 2 or not args.refine_lr > 0:
         raise UserError("--refine-steps must be >= 0, --refine-batch >= 1, --refine-seq-len >= 2 and "
                         "--refine-lr > 0")
+    if not 0.0 <= args.refine_distill <= 1.0:
+        raise UserError(f"--refine-distill must be in [0, 1], got {args.refine_distill}")
+    if args.refine_distill > 0 and args.refine_steps == 0:
+        raise UserError("--refine-distill weights the refining loss: it needs --refine-steps N > 0")
     if not is_routed_dir(args.model):
         raise UserError(f"{args.model} is not a routed model directory (no irc.json); irc fold works on the "
                         "output of irc convert")
@@ -100,10 +107,16 @@ def run(args: argparse.Namespace) -> int:
         from irc.train.fold import refine_folded
         from irc.train.lora_train import LoRATrainConfig
 
+        teacher = None
+        if args.refine_distill > 0:  # the dense base model (LoRA lives on the routed graph's units only)
+            def teacher(ids):
+                return routed.base.model(ids).logits
+
         record["refine"] = refine_folded(
             routed, train, LoRATrainConfig(steps=args.refine_steps, batch_size=args.refine_batch,
-                                                    lr=args.refine_lr, routing="threshold"),
-            calib=calib, budget=budget, show_progress=not args.json)
+                                           lr=args.refine_lr, routing="threshold", distill=args.refine_distill),
+            calib=calib, budget=budget, teacher=teacher, show_progress=not args.json)
+        record["refine"]["distill"] = args.refine_distill
     routed.records = {**routed.records, "fold": record}
     routed.save(out, overwrite=args.overwrite)
     how = {h: sum(1 for v in record["folded"].values() if v == h) for h in ("forecast", "plain")}

@@ -37,6 +37,23 @@ def test_fold_then_refine(tiny_dirs, tiny_corpus, tmp_path, capsys):
     assert any(not (a[k] == b[k]).all() for k in a)
 
 
+def test_refine_with_distillation_from_the_base_model(tiny_dirs, tiny_corpus, tmp_path, capsys, monkeypatch):
+    """--refine-distill W: the loss mixes in KL to the dense base model, whose logits are computed per step."""
+    import irc.train.lora_train as lora_train
+
+    model = _routed_dir(tiny_dirs, tmp_path, lora_rank=4)
+    seen = []
+    real = lora_train.distill_loss
+    monkeypatch.setattr(lora_train, "distill_loss", lambda logits, teacher, mask: seen.append(
+        teacher.shape) or real(logits, teacher, mask))
+    out = tmp_path / "distilled"
+    assert main(_args(model, out, tiny_corpus, "--min-saving", "0.05", "--refine-steps", "2",
+                      "--refine-distill", "0.5", "--json")) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["refine"]["distill"] == 0.5 and record["refine"]["lora"]["steps"] == 2
+    assert len(seen) == 2 and all(shape[:2] == (2, 32) for shape in seen)  # a [B, T, V] teacher per step
+
+
 def test_refine_refuses_a_model_without_lora(tiny_dirs, tiny_corpus, tmp_path, capsys):
     model = _routed_dir(tiny_dirs, tmp_path, lora_rank=0)
     out = tmp_path / "never"
@@ -45,4 +62,9 @@ def test_refine_refuses_a_model_without_lora(tiny_dirs, tiny_corpus, tmp_path, c
     assert not out.exists()
     assert main(_args(model, out, tiny_corpus, "--refine-steps", "-1")) == 2
     assert "--refine-steps must be >= 0" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(_args(model, out, tiny_corpus, "--refine-distill", "1.5", "--refine-steps", "2")) == 2
+    assert "--refine-distill must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert main(_args(model, out, tiny_corpus, "--refine-distill", "0.5")) == 2
+    assert "it needs --refine-steps N > 0" in capsys.readouterr().err
     assert not out.exists()
