@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
              f"data, unit sparsity {rc['achieved_sparsity']:.3f}")
     if "refine" in record:
         rf = record["refine"]
-        info(f"refined     {rf['lora']['steps']} LoRA steps under the folded model's decisions (loss "
+        kd = f", distilled from the base model at {rf['distill']}" if rf.get("distill") else ""
+        info(f"refined     {rf['lora']['steps']} LoRA steps under the folded model's decisions{kd} (loss "
              f"{rf['lora']['first_loss']:.3f} → {rf['lora']['last_loss']:.3f})"
              + (f"; recalibrated: FLOPs saved {100 * rf['recalibration']['achieved_flops_saved']:.1f}% on held-in data"
                 if rf.get("recalibration", {}).get("achieved_flops_saved") is not None else ""))
