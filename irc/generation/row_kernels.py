@@ -66,7 +66,7 @@ def aten_rows(weights: Iterable[torch.Tensor]) -> int:
 
 
 def choose(timings: dict[int, tuple[float, float]]) -> int:
-    """The largest r such that ATen's time is within ``MARGIN`` of oneDNN's at every row count ≤ r.
+    """The largest r such that ATen's time is at most ``MARGIN`` × oneDNN's at every row count ≤ r.
 
     ``timings``: rows → (oneDNN seconds, ATen seconds)."""
     limit = 0
