@@ -2,7 +2,7 @@
 
 A decode step multiplies a row or two (batch 1: one token) by every weight matrix of
 the model. In bf16 on the CPU, ``F.linear`` goes through oneDNN, whose per-call setup
-outweighs such a product: SmolLM2-135M's 210 weight matrices, one pass (the weights
+outweighs such a product: the 210 matrices of SmolLM2-135M's layers, one pass (the weights
 stream from memory, as in a step), 2 cores (AMD EPYC, AVX-512 with bf16), median of 9:
 
     rows         1       2       3       4       8
